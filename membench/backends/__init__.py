@@ -1,0 +1,35 @@
+"""Measurement backends: ``cuda`` (real allocator), ``simulate`` (fake tensors), ``cpu`` (real, tracked)."""
+
+from __future__ import annotations
+
+import torch
+
+from membench.backends.base import Backend
+from membench.config import BackendConfig
+
+
+def resolve_name(config: BackendConfig) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``simulate``."""
+    if config.name == "auto":
+        return "cuda" if torch.cuda.is_available() else "simulate"
+    return config.name
+
+
+def create_backend(config: BackendConfig) -> Backend:
+    """A fresh backend (one per run: trackers and fake modes are not shared between runs)."""
+    name = resolve_name(config)
+    if name == "cuda":
+        from membench.backends.cuda import CudaBackend
+
+        return CudaBackend()
+    if name == "cpu":
+        from membench.backends.cpu import CpuBackend
+
+        return CpuBackend(cuda_semantics=config.cuda_semantics)
+    from membench.backends.devices import DEVICES
+    from membench.backends.simulate import SimulateBackend
+
+    return SimulateBackend(DEVICES[config.device], cuda_semantics=config.cuda_semantics)
+
+
+__all__ = ["Backend", "create_backend", "resolve_name"]

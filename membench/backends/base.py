@@ -1,0 +1,74 @@
+"""What every backend offers the measured step: a device, memory counters and OOM detection.
+
+All counters are integer bytes. ``allocated`` is what the (real or modelled)
+caching allocator has handed out; ``peak_allocated`` is its maximum since the
+last ``reset_peak``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+
+class Backend(ABC):
+    """Runs a model on some device and reports its memory.
+
+    Attributes:
+        name: ``cuda``, ``simulate`` or ``cpu``.
+        device: Where the model's tensors live.
+        timed: True when step times measure the real workload (False for simulate).
+    """
+
+    name: str
+    device: torch.device
+    timed: bool = True
+
+    def build(self, factory: Callable[[torch.device], nn.Module]) -> nn.Module:
+        """Build the model (with its method applied) on this backend's device."""
+        return factory(self.device)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
+
+    @contextlib.contextmanager
+    def session(self, model: nn.Module) -> Iterator[None]:
+        """Everything from the optimizer to the last step runs inside this."""
+        yield
+
+    def before_first_step(self) -> None:
+        """Hook for memory the runtime takes on the first step (simulate adds cuBLAS workspaces)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so timings and counters are final."""
+
+    @abstractmethod
+    def allocated(self) -> int: ...
+
+    @abstractmethod
+    def reset_peak(self) -> None: ...
+
+    @abstractmethod
+    def peak_allocated(self) -> int: ...
+
+    def peak_reserved(self) -> Optional[int]:
+        """Peak bytes the allocator held from the driver; None where there is no such allocator."""
+        return None
+
+    @abstractmethod
+    def is_oom(self, error: BaseException) -> bool: ...
+
+    def predicted_oom(self, peak_bytes: int) -> Optional[str]:
+        """A message when a simulated peak would not fit the simulated GPU; None otherwise."""
+        return None
+
+    def cleanup(self) -> None:
+        """Release cached memory after a run, so the next run starts from the same baseline."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Environment facts for the result: device name, total memory, calibration constants."""

@@ -1,0 +1,77 @@
+"""The ground truth: a real GPU and the caching allocator's own statistics."""
+
+from __future__ import annotations
+
+import gc
+from typing import Optional
+
+import torch
+
+from membench.backends.base import Backend
+from membench.errors import ConfigError
+
+# Another process holding more than this much of the card would make our
+# peaks meaningless (and OOMs spurious). This process's own CUDA context is
+# about 0.5 GiB and is not counted by the allocator.
+FOREIGN_MEMORY_LIMIT = 2 << 30
+
+
+class ForeignMemoryError(RuntimeError):
+    """The GPU was not empty when a run started."""
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self) -> None:
+        if not torch.cuda.is_available():
+            raise ConfigError("backend.name=cuda but no CUDA GPU is visible; use backend.name=simulate or auto")
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def check_idle(self) -> None:
+        """Refuse to measure on a GPU that something else already uses.
+
+        Raises:
+            ForeignMemoryError: this process still holds tensors from earlier
+                work, or other processes hold more than FOREIGN_MEMORY_LIMIT.
+        """
+        held = torch.cuda.memory_allocated(self.device)
+        if held:
+            raise ForeignMemoryError(f"{held} bytes are already allocated in this process before the run")
+        free, total = torch.cuda.mem_get_info(self.device)
+        foreign = total - free - torch.cuda.memory_reserved(self.device)
+        if foreign > FOREIGN_MEMORY_LIMIT:
+            raise ForeignMemoryError(
+                f"{foreign / 2**30:.1f} GiB of {torch.cuda.get_device_name(self.device)} is held by other processes"
+            )
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def peak_reserved(self) -> Optional[int]:
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def is_oom(self, error: BaseException) -> bool:
+        return isinstance(error, torch.OutOfMemoryError)
+
+    def cleanup(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def describe(self) -> dict:
+        properties = torch.cuda.get_device_properties(self.device)
+        return {
+            "device_name": properties.name,
+            "device_total_memory_bytes": properties.total_memory,
+            "cuda_version": torch.version.cuda,
+            "runtime_overhead_bytes": 0,  # measured, not modelled: it is inside the allocator's figures
+        }

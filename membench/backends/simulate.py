@@ -1,0 +1,100 @@
+"""Simulation: the real model code on fake tensors, with the allocator model.
+
+FakeTensorMode gives every tensor a shape, dtype and device but no memory, so
+a 7B model runs on a laptop in seconds. The model is built on ``meta`` and
+then materialised into fake tensors; random init on fake CUDA tensors fails,
+and on meta it costs nothing.
+
+A CUDA build of torch simulates on fake ``cuda`` tensors and so runs CUDA's
+own code paths. A CPU-only build cannot (autograd refuses fake CUDA there), so
+it uses fake ``cpu`` tensors plus :class:`CudaSemantics` for the two places
+where CPU and CUDA save different bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from membench.backends.devices import DeviceProfile
+from membench.backends.tracked import TrackedBackend
+
+GiB = 1 << 30
+
+
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every meta parameter and buffer with an empty tensor on ``device``, in place.
+
+    Unlike ``Module.to_empty``, a tensor shared by two modules (tied embeddings)
+    stays shared, so it is counted once.
+    """
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in made:
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                    if isinstance(tensor, nn.Parameter):
+                        empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                    made[id(tensor)] = empty
+                table[key] = made[id(tensor)]
+    return model
+
+
+class SimulateBackend(TrackedBackend):
+    """Predicts the figures of ``profile`` without allocating device memory."""
+
+    name = "simulate"
+    timed = False
+
+    def __init__(self, profile: DeviceProfile, cuda_semantics: bool = True) -> None:
+        fake_cuda = torch.backends.cuda.is_built()
+        # With fake CUDA tensors the CUDA code paths run as they are; no emulation needed.
+        super().__init__(torch.device("cuda" if fake_cuda else "cpu"), cuda_semantics and not fake_cuda)
+        self.profile = profile
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+
+    def build(self, factory: Callable[[torch.device], nn.Module]) -> nn.Module:
+        model = factory(torch.device("meta"))
+        with self.fake_mode:
+            return materialize(model, self.device)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.fake_mode:
+            return self.fake_mode.from_tensor(tensor).to(self.device)
+
+    @contextlib.contextmanager
+    def session(self, model: nn.Module) -> Iterator[None]:
+        # The tracker must sit above the fake mode, so it sees the fake outputs.
+        with self.fake_mode, super().session(model):
+            yield
+
+    def before_first_step(self) -> None:
+        self.tracker.add_constant(self.profile.runtime_overhead_bytes)
+
+    def is_oom(self, error: BaseException) -> bool:
+        return False  # fake tensors never run out; see predicted_oom
+
+    def predicted_oom(self, peak_bytes: int) -> Optional[str]:
+        if peak_bytes <= self.profile.total_memory_bytes:
+            return None
+        return (
+            f"predicted peak {peak_bytes / GiB:.2f} GiB exceeds the {self.profile.name}'s "
+            f"{self.profile.total_memory_bytes / GiB:.1f} GiB"
+        )
+
+    def describe(self) -> dict:
+        return {
+            "device_name": self.profile.name,
+            "device_total_memory_bytes": self.profile.total_memory_bytes,
+            "simulated_device": self.profile.key,
+            "fake_device": self.device.type,
+            "runtime_overhead_bytes": self.profile.runtime_overhead_bytes,
+            "cuda_semantics": self.cuda_semantics,
+        }

@@ -1,0 +1,92 @@
+"""An allocator model: counts the bytes CUDA's caching allocator would hand out.
+
+``AllocationTracker`` is a ``TorchDispatchMode``. It sees every ATen op after
+autograd (forward, backward on the autograd thread, optimizer), and for every
+output tensor whose storage it has not seen it adds the storage's size rounded
+up to 512 bytes, as ``CUDACachingAllocator`` rounds each block. When the
+storage object dies, ``weakref.finalize`` subtracts it again. Views share a
+storage, so they cost nothing, exactly as on the GPU.
+
+It works on real tensors (the ``cpu`` backend) and on fake ones (``simulate``),
+which is what lets tests prove the two agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ALLOCATOR_ROUNDING = 512  # bytes; CUDACachingAllocator's kMinBlockSize
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator reserves for a request of ``nbytes`` (0 stays 0)."""
+    if nbytes == 0:
+        return 0
+    return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's storage, stable while it is alive (works for fake tensors)."""
+    return tensor.untyped_storage()._cdata
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Tracks live bytes and their peak, in integer bytes.
+
+    Args:
+        device_type: Only storages on this device type count (``cuda`` or ``cpu``).
+
+    Attributes:
+        allocated: Live bytes now.
+        peak: Highest ``allocated`` since the last :meth:`reset_peak`.
+    """
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self._live: dict[int, int] = {}
+        self.allocated = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s storage if it is new and on the tracked device type."""
+        if tensor.device.type != self.device_type:
+            return  # e.g. AdamW's per-parameter step counters, which live on the host
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._live:
+            return
+        size = allocator_bytes(storage.nbytes())
+        self._live[key] = size
+        self.allocated += size
+        if self.allocated > self.peak:
+            self.peak = self.allocated
+        weakref.finalize(storage, self._release, key)
+
+    def add_constant(self, nbytes: int) -> None:
+        """Hold ``nbytes`` that no tensor owns (e.g. cuBLAS workspaces) for the rest of the run."""
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+    def _release(self, key: int) -> None:
+        self.allocated -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self.track(item)
+                elif isinstance(item, (tuple, list)):  # foreach ops return lists
+                    for inner in item:
+                        if isinstance(inner, torch.Tensor):
+                            self.track(inner)
+        return out

@@ -1,0 +1,247 @@
+"""Structured configuration: one dataclass per Hydra config group.
+
+YAML files under ``conf/`` only pick and override these schemas. The CLI turns
+the composed ``DictConfig`` into these objects once (``OmegaConf.to_object``),
+so every ``__post_init__`` check runs before any model is built and nothing
+downstream touches a ``DictConfig``.
+
+Checks that need the model's structure (rank against layer widths, target
+modules that match nothing) live in :mod:`membench.preflight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from membench.errors import ConfigError
+
+TASKS = ("sequence_classification", "seq2seq_lm", "causal_lm")
+METHODS = ("full", "lora", "lora_fa")
+ADAPTER_DTYPES = ("fp32", "base")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
+OPTIMIZERS = ("adamw",)
+OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+BACKENDS = ("auto", "cuda", "simulate", "cpu")
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    """Raise ConfigError naming ``key``, the bad ``value`` and the accepted ones."""
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not supported; choose one of: {', '.join(choices)}")
+
+
+def check_positive(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive integer (1, 2, 3, ...)")
+
+
+@dataclass
+class ModelConfig:
+    """A model built from a ``transformers`` config, with random weights.
+
+    Attributes:
+        name: Display name, used in result file names.
+        model_type: ``transformers`` model type (``roberta``, ``t5``, ``llama``, ...).
+        task: Which head to put on top: sequence_classification, seq2seq_lm or causal_lm.
+        hf_config: Keyword arguments for the ``transformers`` config class.
+        config_path: A local ``config.json`` (or a folder holding one). When set,
+            it is loaded first and ``hf_config`` overrides it.
+        attn_implementation: ``sdpa`` (fused kernels, no S x S probabilities saved)
+            or ``eager`` (saves softmax probabilities and their dropout mask).
+        target_modules: Default LoRA targets for this model, as PEFT module-name
+            suffixes. ``null`` means the family default in :mod:`membench.models`.
+        exclude_modules: Module-name suffixes never adapted (e.g. a classifier head).
+    """
+
+    name: str = "custom"
+    model_type: Optional[str] = None
+    task: str = "causal_lm"
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    config_path: Optional[str] = None
+    attn_implementation: str = "sdpa"
+    target_modules: Optional[list[str]] = None
+    exclude_modules: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        check_choice("model.task", self.task, TASKS)
+        check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
+
+@dataclass
+class MethodConfig:
+    """How the model is fine-tuned.
+
+    Attributes:
+        name: Label for reports (``lora_recompute`` is ``kind=lora`` plus recompute).
+        kind: full (every weight trains), lora, or lora_fa (LoRA with A frozen:
+            autograd then keeps no copy of each adapted layer's full-width input).
+        gradient_checkpointing: Recompute each block's activations in backward.
+            Cuts activation memory to roughly one block's worth, costs ~1 extra forward.
+        rank: LoRA rank r (``null`` for full). Adapter bytes grow linearly with it.
+        alpha: LoRA scaling numerator (scale = alpha / rank); ``null`` = 2 x rank.
+        target_modules: Module-name suffixes to adapt; ``null`` uses the model's default.
+        lora_dropout: Dropout on the adapter input. Above 0 it saves a mask and the
+            dropped copy of X, which eats into LoRA-FA's saving.
+        adapter_dtype: ``fp32`` (PEFT's default: adapters and their inputs upcast to
+            fp32, one extra fp32 copy of X per adapted layer in plain LoRA) or ``base``.
+        lorafa_optimizer: Use PEFT's ``create_lorafa_optimizer`` (AdamW with the
+            LoRA-FA gradient correction for B). Costs time, not activations.
+    """
+
+    name: str = "full"
+    kind: str = "full"
+    gradient_checkpointing: bool = False
+    rank: Optional[int] = None
+    alpha: Optional[int] = None
+    target_modules: Optional[list[str]] = None
+    lora_dropout: float = 0.0
+    adapter_dtype: str = "fp32"
+    lorafa_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("method.kind", self.kind, METHODS)
+        check_choice("method.adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        if self.kind == "full":
+            for key in ("rank", "alpha", "target_modules"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"method.{key}={getattr(self, key)!r} has no effect with method.kind=full "
+                        "(no adapters); drop it or pick method=lora / lora_fa"
+                    )
+            if self.lora_dropout:
+                raise ConfigError(f"method.lora_dropout={self.lora_dropout} has no effect with method.kind=full")
+            return
+        if self.rank is None:
+            raise ConfigError(f"method.kind={self.kind} needs method.rank (a positive integer)")
+        check_positive("method.rank", self.rank)
+        if self.alpha is None:
+            self.alpha = 2 * self.rank
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"method.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            raise ConfigError("method.target_modules=[] adapts nothing; give module names or null for the default")
+        if self.lorafa_optimizer and self.kind != "lora_fa":
+            raise ConfigError(
+                f"method.lorafa_optimizer=true needs method.kind=lora_fa, got kind={self.kind!r}"
+            )
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.kind != "full"
+
+
+@dataclass
+class WorkloadConfig:
+    """Synthetic batch and how many steps to run.
+
+    Attributes:
+        batch_size: Sequences per step. Activation bytes grow linearly with it.
+        seq_len: Tokens per sequence (encoder length for T5).
+        target_len: Decoder tokens for encoder-decoder models; ``null`` = seq_len.
+        warmup_steps: Unmeasured steps first; the first one allocates optimizer state.
+        measured_steps: Steps whose peak and median time are reported.
+        seed: Seed for the synthetic token ids and the random weights.
+    """
+
+    batch_size: int = 32
+    seq_len: int = 128
+    target_len: Optional[int] = None
+    warmup_steps: int = 2
+    measured_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive("workload.batch_size", self.batch_size)
+        check_positive("workload.seq_len", self.seq_len)
+        check_positive("workload.measured_steps", self.measured_steps)
+        if self.target_len is not None:
+            check_positive("workload.target_len", self.target_len)
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"workload.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Numerics and optimizer.
+
+    Attributes:
+        precision: fp32; bf16 or fp16 (weights stored in that dtype, half the
+            weight bytes of fp32); bf16-autocast (fp32 weights, bf16 matmuls).
+        optimizer: Only AdamW: two fp32-or-param-dtype states per trainable weight.
+        optimizer_impl: foreach (torch's CUDA default; full-model temporaries in
+            the step), fused (no temporaries) or for_loop (one tensor at a time).
+        lr: Learning rate; irrelevant to memory, kept for realism.
+    """
+
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    optimizer_impl: str = "foreach"
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("train.optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+
+
+@dataclass
+class BackendConfig:
+    """Where the step runs.
+
+    Attributes:
+        name: auto (cuda if a GPU is visible, else simulate), cuda (the real
+            allocator), simulate (fake tensors + allocator model, no real memory),
+            or cpu (real execution on CPU with the same allocator model).
+        device: For ``simulate``: the GPU profile to predict for (see
+            :mod:`membench.backends.devices`).
+        cuda_semantics: On CPU tensors, save what CUDA kernels save (bool dropout
+            masks, fused attention). Off shows raw CPU behaviour instead.
+    """
+
+    name: str = "auto"
+    device: str = "h100-80gb"
+    cuda_semantics: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("backend.name", self.name, BACKENDS)
+        # Imported here: devices has no heavy imports, and config must not import backends at load.
+        from membench.backends.devices import DEVICES
+
+        check_choice("backend.device", self.device, tuple(DEVICES))
+
+
+@dataclass
+class RunConfig:
+    """One measured configuration: model x method x workload x numerics x backend."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    results_dir: str = "results/runs"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model.task != "seq2seq_lm" and self.workload.target_len is not None:
+            raise ConfigError(
+                f"workload.target_len={self.workload.target_len} only applies to seq2seq models; "
+                f"model {self.model.name!r} is {self.model.task}"
+            )
+        if self.method.lorafa_optimizer and self.train.optimizer_impl == "fused":
+            raise ConfigError(
+                "method.lorafa_optimizer=true uses PEFT's own AdamW, which has no fused kernel; "
+                "drop train.optimizer_impl=fused"
+            )
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files are validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="method", name="method_schema", node=MethodConfig)

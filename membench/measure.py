@@ -1,0 +1,148 @@
+"""The measured training loop: warm-up steps, then steps split into phases.
+
+One step is forward -> backward -> AdamW step -> ``zero_grad(set_to_none=True)``,
+the loop every fine-tuning script runs. Each phase gets its own peak (the
+backend's peak is reset at the phase start). The figures, all integer bytes:
+
+* ``weight_bytes``: parameters + buffers, once per storage, allocator-rounded.
+* ``optimizer_state_bytes``: what the first ``optimizer.step()`` adds.
+* ``gradient_bytes``: the ``.grad`` storages of trainable weights after backward.
+* ``activation_bytes``: allocated after forward minus before forward.
+* ``saved_tensor_bytes``: unique storages autograd packed, parameters excluded.
+* ``peak_allocated_bytes``: the highest phase peak over the measured steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from membench.backends.base import Backend
+from membench.backends.tracker import allocator_bytes, storage_key
+from membench.saved_tensors import SavedTensorCounter
+
+PHASES = ("forward", "backward", "optimizer_step")
+
+
+@dataclass
+class Metrics:
+    """Everything one run measured. Bytes are integers; None means not reached or not available."""
+
+    total_params: int = 0
+    trainable_params: int = 0
+    weight_bytes: int = 0
+    optimizer_state_bytes: Optional[int] = None
+    gradient_bytes: Optional[int] = None
+    activation_bytes: Optional[int] = None
+    saved_tensor_bytes: Optional[int] = None
+    peak_allocated_bytes: Optional[int] = None
+    peak_reserved_bytes: Optional[int] = None
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    phase_allocated_bytes: dict[str, int] = field(default_factory=dict)
+    step_time_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    runtime_overhead_bytes: int = 0
+
+
+def unique_storage_bytes(tensors) -> int:
+    """Allocator bytes of the distinct storages behind ``tensors`` (tied weights count once)."""
+    sizes = {storage_key(t): allocator_bytes(t.untyped_storage().nbytes()) for t in tensors}
+    return sum(sizes.values())
+
+
+class MeasuredLoop:
+    """Runs warm-up and measured steps, recording into :attr:`metrics` as it goes.
+
+    :attr:`phase` always names the phase in progress, so a failure (OOM) can be
+    reported with where it happened, and the metrics gathered so far survive.
+    """
+
+    def __init__(self, backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 batch: dict[str, torch.Tensor], autocast_dtype: Optional[torch.dtype]) -> None:
+        self.backend = backend
+        self.model = model
+        self.optimizer = optimizer
+        self.batch = batch
+        self.autocast_dtype = autocast_dtype
+        self.phase = "model_ready"
+        self.metrics = Metrics()
+        parameters = list(model.parameters())
+        self.trainable = [p for p in parameters if p.requires_grad]
+        self.metrics.total_params = sum(p.numel() for p in {id(p): p for p in parameters}.values())
+        self.metrics.trainable_params = sum(p.numel() for p in self.trainable)
+        self.metrics.weight_bytes = unique_storage_bytes([*parameters, *model.buffers()])
+        self.metrics.phase_allocated_bytes["model_ready"] = backend.allocated()
+        self._saved = SavedTensorCounter(parameters)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.backend.device.type, dtype=self.autocast_dtype)
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        self.backend.reset_peak()
+
+    def _leave(self, phase: str, peaks: dict[str, int], reserved: list[int]) -> None:
+        self.backend.synchronize()
+        peaks[phase] = max(peaks.get(phase, 0), self.backend.peak_allocated())
+        reserved_now = self.backend.peak_reserved()
+        if reserved_now is not None:
+            reserved.append(reserved_now)
+        self.metrics.phase_allocated_bytes[phase] = self.backend.allocated()
+
+    def step(self, first: bool, measured: bool, peaks: dict[str, int], reserved: list[int]) -> float:
+        """One training step; returns its wall time in seconds."""
+        self.backend.synchronize()
+        start = time.perf_counter()
+
+        self._enter("forward")
+        before_forward = self.backend.allocated()
+        saving = self._saved.counting() if measured else contextlib.nullcontext()
+        with saving, self._autocast():
+            loss = self.model(**self.batch).loss
+        self._leave("forward", peaks, reserved)
+        if measured:
+            self.metrics.activation_bytes = self.backend.allocated() - before_forward
+            self.metrics.saved_tensor_bytes = self._saved.total_bytes
+
+        self._enter("backward")
+        loss.backward()
+        del loss
+        self._leave("backward", peaks, reserved)
+        self.metrics.gradient_bytes = unique_storage_bytes(p.grad for p in self.trainable if p.grad is not None)
+
+        self._enter("optimizer_step")
+        before_update = self.backend.allocated()
+        self.optimizer.step()
+        if first:
+            self.metrics.optimizer_state_bytes = self.backend.allocated() - before_update
+            self.metrics.phase_allocated_bytes["optimizer_state"] = self.backend.allocated()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._leave("optimizer_step", peaks, reserved)
+        return time.perf_counter() - start
+
+    def run(self, warmup_steps: int, measured_steps: int, tokens_per_step: int) -> Metrics:
+        self.backend.before_first_step()
+        for index in range(warmup_steps):
+            self.step(first=index == 0, measured=False, peaks={}, reserved=[])
+        peaks: dict[str, int] = {}
+        reserved: list[int] = []
+        times = [
+            self.step(first=warmup_steps == 0 and index == 0, measured=True, peaks=peaks, reserved=reserved)
+            for index in range(measured_steps)
+        ]
+        self.phase = "done"
+        self.metrics.phase_peak_bytes = peaks
+        self.metrics.peak_allocated_bytes = max(peaks.values())
+        self.metrics.peak_reserved_bytes = max(reserved) if reserved else None
+        if self.backend.timed:
+            self.metrics.step_time_s = statistics.median(times)
+            self.metrics.tokens_per_s = tokens_per_step / self.metrics.step_time_s
+        return self.metrics

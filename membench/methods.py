@@ -1,0 +1,62 @@
+"""Fine-tuning methods: which weights train, in which dtype, and whether blocks recompute.
+
+LoRA and LoRA-FA both come from PEFT. LoRA-FA is LoRA with ``lora_A`` frozen:
+autograd saves a matmul's input only when the weight needs a gradient, so
+freezing A is all it takes for the full-width input X of each adapted layer
+to stop being kept for backward (an explicit autograd Function saving only XA gave identical bytes on an H100).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from torch import nn
+
+from membench.config import MethodConfig, TrainConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-autocast": torch.float32}
+PEFT_TASKS = {
+    "sequence_classification": TaskType.SEQ_CLS,
+    "seq2seq_lm": TaskType.SEQ_2_SEQ_LM,
+    "causal_lm": TaskType.CAUSAL_LM,
+}
+
+
+def weight_dtype(train: TrainConfig) -> torch.dtype:
+    """Storage dtype of the base weights (fp32 under autocast: only matmuls run in bf16)."""
+    return DTYPES[train.precision]
+
+
+def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
+    return torch.bfloat16 if train.precision == "bf16-autocast" else None
+
+
+def apply_method(
+    model: nn.Module, method: MethodConfig, task: str, targets: list[str], excludes: list[str]
+) -> nn.Module:
+    """Return ``model`` set up for ``method``: PEFT-wrapped for LoRA kinds, all trainable for full.
+
+    Gradient checkpointing uses the non-reentrant implementation: it keeps the
+    inputs of each block and recomputes the rest, and needs no input that
+    requires grad (the reentrant one would, for frozen embeddings).
+    """
+    if method.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method.kind == "full":
+        model.requires_grad_(True)
+        return model
+    lora = LoraConfig(
+        r=method.rank,
+        lora_alpha=method.alpha,
+        lora_dropout=method.lora_dropout,
+        target_modules=targets,
+        exclude_modules=excludes or None,
+        task_type=PEFT_TASKS[task],
+    )
+    # autocast_adapter_dtype=True is PEFT's default: fp32 adapters on a bf16/fp16 base.
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=method.adapter_dtype == "fp32")
+    if method.kind == "lora_fa":
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return peft_model
