@@ -91,7 +91,8 @@ def _measure(the_plan: Plan, backend: Backend, loop_holder: list) -> Metrics:
     def factory(device: torch.device) -> nn.Module:
         model = the_plan.meta_model if device.type == "meta" else build_model(
             run.model, the_plan.hf_config, weight_dtype(run.train), device)
-        return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes)
+        with torch.device(device):  # PEFT creates adapters on the default device, then moves them
+            return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes)
 
     torch.manual_seed(run.workload.seed)
     model = backend.build(factory)
@@ -101,7 +102,8 @@ def _measure(the_plan: Plan, backend: Backend, loop_holder: list) -> Metrics:
         optimizer = build_optimizer(model, run.method, run.train)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train))
         loop_holder.append(loop)
-        return loop.run(run.workload.warmup_steps, run.workload.measured_steps, tokens_per_step(run))
+        warmup = backend.warmup_steps(run.workload.warmup_steps)
+        return loop.run(warmup, run.workload.measured_steps, tokens_per_step(run))
 
 
 def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
@@ -133,6 +135,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
         backend.cleanup()
     metrics.runtime_overhead_bytes = backend.describe().get("runtime_overhead_bytes", 0)
     env = {"backend": backend.name, **backend.describe(), **provenance(),
+           "warmup_steps_run": backend.warmup_steps(run.workload.warmup_steps),
            "wall_time_s": round(time.perf_counter() - started, 3)}
     config = recorded_config(run, backend.name)
     return Result(run_id(config, backend_label(run, backend.name)), config, status, dataclasses.asdict(metrics), env)

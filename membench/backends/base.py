@@ -40,6 +40,10 @@ class Backend(ABC):
         """Everything from the optimizer to the last step runs inside this."""
         yield
 
+    def warmup_steps(self, requested: int) -> int:
+        """How many warm-up steps to actually run for ``requested``."""
+        return requested
+
     def before_first_step(self) -> None:
         """Hook for memory the runtime takes on the first step (simulate adds cuBLAS workspaces)."""
 

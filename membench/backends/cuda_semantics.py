@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 
-def _fused_attention_cpu(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _fused_attention_cpu(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """Attention through the CPU flash kernel: saves output + logsumexp, like CUDA's fused kernels."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         # What SDPA itself does for grouped-query attention outside flash:
         # materialise K and V at the query's head count.
@@ -38,26 +38,35 @@ def _fused_attention_cpu(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     return output
 
 
-class CudaSemantics(TorchFunctionMode):
-    """Routes dropout and attention on CPU tensors to their CUDA-equivalent ops."""
+class CudaSemantics:
+    """Context manager: ``F.dropout`` and ``F.scaled_dot_product_attention`` save CUDA's bytes on CPU.
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.dropout:
-            return self._dropout(func, types, args, kwargs)
-        if func is F.scaled_dot_product_attention and args[0].device.type == "cpu":
-            needs_mask_grad = isinstance(kwargs.get("attn_mask"), torch.Tensor) and kwargs["attn_mask"].requires_grad
-            if not needs_mask_grad:  # the CPU flash kernel has no gradient for the mask
-                return _fused_attention_cpu(*args, **kwargs)
-        return func(*args, **kwargs)
+    The two functions are swapped in ``torch.nn.functional`` for the duration,
+    not intercepted with a ``TorchFunctionMode``: function modes are not active
+    inside backward, where activation checkpointing recomputes the forward, and
+    a recompute that took the other path would save different tensors.
+    """
 
-    @staticmethod
-    def _dropout(func, types, args, kwargs):
-        names = ("input", "p", "training", "inplace")
-        bound = dict(zip(names, args)) | kwargs
-        x, p = bound["input"], bound.get("p", 0.5)
-        training, inplace = bound.get("training", True), bound.get("inplace", False)
-        if not training or p == 0.0 or x.device.type != "cpu" or inplace:
-            return func(*args, **kwargs)
-        output, _mask = torch.ops.aten.native_dropout(x, p, True)
-        return output
+    def __enter__(self) -> "CudaSemantics":
+        self._original = (F.dropout, F.scaled_dot_product_attention)
+        original_dropout, original_sdpa = self._original
+
+        def dropout(input, p=0.5, training=True, inplace=False):
+            if not training or p == 0.0 or inplace or input.device.type != "cpu":
+                return original_dropout(input, p, training, inplace)
+            output, _mask = torch.ops.aten.native_dropout(input, p, True)
+            return output
+
+        def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                         scale=None, enable_gqa=False):
+            mask_needs_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
+            if query.device.type != "cpu" or mask_needs_grad:  # the CPU flash kernel has no mask gradient
+                return original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            return _fused_attention_cpu(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+        F.dropout, F.scaled_dot_product_attention = dropout, scaled_dot_product_attention
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        F.dropout, F.scaled_dot_product_attention = self._original
