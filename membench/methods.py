@@ -32,7 +32,7 @@ def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
 
 
 def apply_method(
-    model: nn.Module, method: MethodConfig, task: str, targets: list[str], excludes: list[str]
+    model: nn.Module, method: MethodConfig, task: str, targets: list[str], excludes: list[str], base_dtype: torch.dtype
 ) -> nn.Module:
     """Return ``model`` set up for ``method``: PEFT-wrapped for LoRA kinds, all trainable for full.
 
@@ -55,6 +55,12 @@ def apply_method(
     )
     # autocast_adapter_dtype=True is PEFT's default: fp32 adapters on a bf16/fp16 base.
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=method.adapter_dtype == "fp32")
+    if method.adapter_dtype == "base":
+        # PEFT moves new adapters to the base weight's dtype only off ``meta``; make it explicit
+        # so a simulated (meta-built) model gets the same adapter bytes as a real one.
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name and param.dtype != base_dtype:
+                param.data = param.data.to(base_dtype)
     if method.kind == "lora_fa":
         for name, param in peft_model.named_parameters():
             if ".lora_A." in name:

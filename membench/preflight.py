@@ -39,7 +39,7 @@ def check_sequence_length(run: RunConfig, config: PretrainedConfig) -> None:
     for key, length in lengths.items():
         if length is not None and limit is not None and length > limit:
             raise ConfigError(
-                f"{key}={length} exceeds model {run.model.name!r}'s maximum of {limit} positions; "
+                f"{key}={length} exceeds the {limit} positions of model {run.model.name!r}; "
                 f"use a length between 1 and {limit}"
             )
 

@@ -85,19 +85,27 @@ def tokens_per_step(run: RunConfig) -> int:
     return workload.batch_size * (workload.seq_len + decoder)
 
 
-def _measure(the_plan: Plan, backend: Backend, loop_holder: list) -> Metrics:
+def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model (method applied, in train mode) and one synthetic batch, on ``backend``'s device."""
     run = the_plan.run
 
     def factory(device: torch.device) -> nn.Module:
         model = the_plan.meta_model if device.type == "meta" else build_model(
             run.model, the_plan.hf_config, weight_dtype(run.train), device)
         with torch.device(device):  # PEFT creates adapters on the default device, then moves them
-            return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes)
+            return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes,
+                                weight_dtype(run.train))
 
     torch.manual_seed(run.workload.seed)
     model = backend.build(factory)
     model.train()
-    batch = {key: backend.to_device(value) for key, value in make_batch(run.model, the_plan.hf_config, run.workload).items()}
+    batch = make_batch(run.model, the_plan.hf_config, run.workload)
+    return model, {key: backend.to_device(value) for key, value in batch.items()}
+
+
+def _measure(the_plan: Plan, backend: Backend, loop_holder: list) -> Metrics:
+    run = the_plan.run
+    model, batch = build(the_plan, backend)
     with backend.session(model):
         optimizer = build_optimizer(model, run.method, run.train)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train))

@@ -44,6 +44,9 @@ class Backend(ABC):
         """How many warm-up steps to actually run for ``requested``."""
         return requested
 
+    def host_resident(self, tensors: list[torch.Tensor]) -> None:
+        """Mark tensors that CUDA keeps in host memory (AdamW step counters), so they are not counted."""
+
     def before_first_step(self) -> None:
         """Hook for memory the runtime takes on the first step (simulate adds cuBLAS workspaces)."""
 

@@ -47,6 +47,32 @@ def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _unpacked_sequences() -> Iterator[None]:
+    """Answer transformers' packed-sequence check as real execution does.
+
+    Without a KV cache (e.g. under gradient checkpointing) transformers reads
+    ``position_ids`` to detect packed sequences. Fake tensors have no values,
+    so it assumes packing and materialises a [batch, 1, seq, seq] mask that
+    real execution skips, which changes the attention path. membench's batches
+    are never packed (see membench.workload), so the real answer is "none".
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 class SimulateBackend(TrackedBackend):
     """Predicts the figures of ``profile`` without allocating device memory."""
 
@@ -72,7 +98,7 @@ class SimulateBackend(TrackedBackend):
     @contextlib.contextmanager
     def session(self, model: nn.Module) -> Iterator[None]:
         # The tracker must sit above the fake mode, so it sees the fake outputs.
-        with self.fake_mode, super().session(model):
+        with self.fake_mode, super().session(model), _unpacked_sequences():
             yield
 
     def warmup_steps(self, requested: int) -> int:

@@ -37,6 +37,10 @@ class TrackedBackend(Backend):
                 stack.enter_context(CudaSemantics())
             yield
 
+    def host_resident(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self.tracker.forget(tensor)
+
     def allocated(self) -> int:
         return self.tracker.allocated
 

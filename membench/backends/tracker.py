@@ -48,6 +48,7 @@ class AllocationTracker(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self._live: dict[int, int] = {}
+        self._forgotten: set[int] = set()  # untracked early; their finalizers must do nothing
         self.allocated = 0
         self.peak = 0
 
@@ -57,7 +58,7 @@ class AllocationTracker(TorchDispatchMode):
             return  # e.g. AdamW's per-parameter step counters, which live on the host
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self._live:
+        if key in self._live or key in self._forgotten:
             return
         size = allocator_bytes(storage.nbytes())
         self._live[key] = size
@@ -65,6 +66,13 @@ class AllocationTracker(TorchDispatchMode):
         if self.allocated > self.peak:
             self.peak = self.allocated
         weakref.finalize(storage, self._release, key)
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting ``tensor``'s storage now: it lives off the device being modelled."""
+        size = self._live.pop(storage_key(tensor), None)
+        if size is not None:
+            self.allocated -= size
+            self._forgotten.add(storage_key(tensor))
 
     def add_constant(self, nbytes: int) -> None:
         """Hold ``nbytes`` that no tensor owns (e.g. cuBLAS workspaces) for the rest of the run."""
@@ -75,6 +83,9 @@ class AllocationTracker(TorchDispatchMode):
         self.peak = self.allocated
 
     def _release(self, key: int) -> None:
+        if key in self._forgotten:
+            self._forgotten.discard(key)
+            return
         self.allocated -= self._live.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

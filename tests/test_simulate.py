@@ -1,0 +1,84 @@
+"""The simulation equals real execution, byte for byte.
+
+``simulate`` runs the model on fake tensors; ``cpu`` runs the same code for
+real. Both count with the same allocator model, so every figure must agree.
+The one stated difference: simulate adds the modelled GPU's cuBLAS workspaces
+(``runtime_overhead_bytes``) to the live bytes from the first step on, which
+real CPU execution does not have.
+
+The cpu runs use two warm-up steps and simulate runs one (it caps warm-up:
+see SimulateBackend.warmup_steps), so equality here also proves that extra
+warm-up changes nothing in simulation.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_MODELS, tiny
+from membench.runner import measure
+
+BYTE_FIGURES = ("weight_bytes", "optimizer_state_bytes", "gradient_bytes", "activation_bytes", "saved_tensor_bytes",
+                "total_params", "trainable_params")
+
+CASES = [
+    ("full", ()),
+    ("lora", ()),
+    ("lora_fa", ()),
+    ("lora_recompute", ()),
+    ("lora_fa", ("method.lora_dropout=0.1",)),
+    ("lora", ("train.precision=bf16",)),
+    ("lora_fa", ("train.precision=bf16", "method.adapter_dtype=base")),
+    ("lora", ("train.precision=bf16-autocast",)),
+    ("full", ("train.optimizer_impl=fused",)),
+    ("lora", ("model.attn_implementation=eager",)),
+]
+
+
+def without_overhead(metrics: dict) -> dict:
+    overhead = metrics["runtime_overhead_bytes"]
+    return {
+        "peak_allocated_bytes": metrics["peak_allocated_bytes"] - overhead,
+        "phase_peak_bytes": {k: v - overhead for k, v in metrics["phase_peak_bytes"].items()},
+        **{key: metrics[key] for key in BYTE_FIGURES},
+    }
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize(("method", "extra"), CASES, ids=lambda case: "-".join(case) if isinstance(case, tuple) else case)
+def test_simulate_equals_cpu(model, method, extra):
+    real = measure(tiny(model, method, *extra, backend="cpu"))
+    simulated = measure(tiny(model, method, *extra, backend="simulate"))
+    assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
+    assert real.metrics["runtime_overhead_bytes"] == 0
+    assert simulated.metrics["runtime_overhead_bytes"] > 0
+    assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
+
+
+def test_simulate_runs_no_real_memory():
+    result = measure(tiny("tiny-llama", "lora", backend="simulate"))
+    assert result.env["backend"] == "simulate"
+    assert result.env["device_name"] == "NVIDIA H100 80GB HBM3"
+    assert result.metrics["step_time_s"] is None  # fake tensors time nothing real
+
+
+def test_cuda_semantics_is_what_makes_cpu_match_cuda():
+    """Without it, CPU dropout keeps float masks: more bytes than CUDA's bool masks."""
+    emulated = measure(tiny("tiny-roberta", "lora_fa", "model.attn_implementation=eager"))
+    raw = measure(tiny("tiny-roberta", "lora_fa", "model.attn_implementation=eager", "backend.cuda_semantics=false"))
+    assert raw.metrics["saved_tensor_bytes"] > emulated.metrics["saved_tensor_bytes"]
+
+
+def test_predicted_oom_is_a_result():
+    """A simulated peak above the card is recorded as status oom, with the figures kept."""
+    capacity = 24 << 30
+    small = measure(tiny("tiny-llama", "full", "workload.batch_size=64", "backend.device=gpu-24gb", backend="simulate"))
+    assert small.status.state == "ok"
+    per_sequence = small.metrics["activation_bytes"] // 64
+    batch = 2 * capacity // per_sequence  # about twice what the card holds
+    huge = measure(tiny("tiny-llama", "full", f"workload.batch_size={batch}", "backend.device=gpu-24gb",
+                        backend="simulate"))
+    assert huge.status.state == "oom"
+    assert "exceeds" in huge.status.message and "24.0 GiB" in huge.status.message
+    assert huge.status.phase in ("forward", "backward", "optimizer_step")
+    assert huge.metrics["peak_allocated_bytes"] > capacity
