@@ -26,6 +26,7 @@ OPTIMIZERS = ("adamw",)
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
+FAKE_DEVICES = ("auto", "cuda", "cpu")
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -200,14 +201,19 @@ class BackendConfig:
             :mod:`membench.backends.devices`).
         cuda_semantics: On CPU tensors, save what CUDA kernels save (bool dropout
             masks, fused attention). Off shows raw CPU behaviour instead.
+        fake_device: For ``simulate``: fake ``cuda`` tensors (CUDA's own code
+            paths; needs a CUDA build of torch), fake ``cpu`` tensors with
+            ``cuda_semantics``, or ``auto`` (cuda when torch has CUDA built in).
     """
 
     name: str = "auto"
     device: str = "h100-80gb"
     cuda_semantics: bool = True
+    fake_device: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("backend.name", self.name, BACKENDS)
+        check_choice("backend.fake_device", self.fake_device, FAKE_DEVICES)
         # Imported here: devices has no heavy imports, and config must not import backends at load.
         from membench.backends.devices import DEVICES
 

@@ -29,7 +29,7 @@ def create_backend(config: BackendConfig) -> Backend:
     from membench.backends.devices import DEVICES
     from membench.backends.simulate import SimulateBackend
 
-    return SimulateBackend(DEVICES[config.device], cuda_semantics=config.cuda_semantics)
+    return SimulateBackend(DEVICES[config.device], config.cuda_semantics, config.fake_device)
 
 
 __all__ = ["Backend", "create_backend", "resolve_name"]

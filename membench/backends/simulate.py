@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from membench.backends.devices import DeviceProfile
 from membench.backends.tracked import TrackedBackend
+from membench.errors import ConfigError
 
 GiB = 1 << 30
 
@@ -79,8 +80,10 @@ class SimulateBackend(TrackedBackend):
     name = "simulate"
     timed = False
 
-    def __init__(self, profile: DeviceProfile, cuda_semantics: bool = True) -> None:
-        fake_cuda = torch.backends.cuda.is_built()
+    def __init__(self, profile: DeviceProfile, cuda_semantics: bool = True, fake_device: str = "auto") -> None:
+        if fake_device == "cuda" and not torch.backends.cuda.is_built():
+            raise ConfigError("backend.fake_device=cuda needs a CUDA build of torch; use auto or cpu")
+        fake_cuda = fake_device == "cuda" or (fake_device == "auto" and torch.backends.cuda.is_built())
         # With fake CUDA tensors the CUDA code paths run as they are; no emulation needed.
         super().__init__(torch.device("cuda" if fake_cuda else "cpu"), cuda_semantics and not fake_cuda)
         self.profile = profile
