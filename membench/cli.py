@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
 
@@ -56,6 +57,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"membench: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except BusyDeviceError as error:
+        print(f"membench: refusing to measure: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

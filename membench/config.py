@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from membench.devices import DEVICES
 from membench.errors import ConfigError
 
 TASKS = ("sequence_classification", "seq2seq_lm", "causal_lm")
@@ -144,6 +145,7 @@ class WorkloadConfig:
         seq_len: Tokens per sequence (encoder length for T5).
         target_len: Decoder tokens for encoder-decoder models; ``null`` = seq_len.
         warmup_steps: Unmeasured steps first; the first one allocates optimizer state.
+            0 measures the very first step, optimizer-state allocation included.
         measured_steps: Steps whose peak and median time are reported.
         seed: Seed for the synthetic token ids and the random weights.
     """
@@ -198,7 +200,7 @@ class BackendConfig:
             allocator), simulate (fake tensors + allocator model, no real memory),
             or cpu (real execution on CPU with the same allocator model).
         device: For ``simulate``: the GPU profile to predict for (see
-            :mod:`membench.backends.devices`).
+            :mod:`membench.devices`).
         cuda_semantics: On CPU tensors, save what CUDA kernels save (bool dropout
             masks, fused attention). Off shows raw CPU behaviour instead.
         fake_device: For ``simulate``: fake ``cuda`` tensors (CUDA's own code
@@ -214,9 +216,6 @@ class BackendConfig:
     def __post_init__(self) -> None:
         check_choice("backend.name", self.name, BACKENDS)
         check_choice("backend.fake_device", self.fake_device, FAKE_DEVICES)
-        # Imported here: devices has no heavy imports, and config must not import backends at load.
-        from membench.backends.devices import DEVICES
-
         check_choice("backend.device", self.device, tuple(DEVICES))
 
 
@@ -230,7 +229,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     results_dir: str = "results/runs"
-    force: bool = False
 
     def __post_init__(self) -> None:
         if self.model.task != "seq2seq_lm" and self.workload.target_len is not None:
@@ -246,8 +244,5 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas so YAML files are validated against them."""
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="method", name="method_schema", node=MethodConfig)
+    """Register the schema; conf/config.yaml lists it first, so every group's YAML is typed by it."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

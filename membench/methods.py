@@ -3,7 +3,8 @@
 LoRA and LoRA-FA both come from PEFT. LoRA-FA is LoRA with ``lora_A`` frozen:
 autograd saves a matmul's input only when the weight needs a gradient, so
 freezing A is all it takes for the full-width input X of each adapted layer
-to stop being kept for backward (an explicit autograd Function saving only XA gave identical bytes on an H100).
+to stop being kept for backward. (On an H100, an explicit autograd Function
+that saves only XA gave identical bytes.)
 """
 
 from __future__ import annotations

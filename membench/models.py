@@ -85,19 +85,15 @@ def load_hf_config(model: ModelConfig) -> PretrainedConfig:
     return config
 
 
-def family(config: PretrainedConfig) -> str:
-    return config.model_type
-
-
 def default_targets(model: ModelConfig, config: PretrainedConfig) -> list[str]:
     """LoRA target module suffixes: the model file's, else the family default."""
     if model.target_modules is not None:
         return list(model.target_modules)
     try:
-        return FAMILY_TARGETS[family(config)]
+        return FAMILY_TARGETS[config.model_type]
     except KeyError:
         raise ConfigError(
-            f"no default LoRA targets for model_type={family(config)!r}; set method.target_modules "
+            f"no default LoRA targets for model_type={config.model_type!r}; set method.target_modules "
             f"(families with defaults: {', '.join(FAMILY_TARGETS)})"
         ) from None
 
@@ -105,7 +101,7 @@ def default_targets(model: ModelConfig, config: PretrainedConfig) -> list[str]:
 def default_excludes(model: ModelConfig, config: PretrainedConfig) -> list[str]:
     if model.exclude_modules is not None:
         return list(model.exclude_modules)
-    return FAMILY_EXCLUDES.get(family(config), [])
+    return FAMILY_EXCLUDES.get(config.model_type, [])
 
 
 def max_sequence_length(config: PretrainedConfig) -> Optional[int]:

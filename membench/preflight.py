@@ -58,11 +58,17 @@ def adapted_layers(model: nn.Module, targets: list[str], excludes: list[str]) ->
                 f"method.target_modules entry {key!r} matches no linear layer of this model; "
                 f"linear layer names are: {', '.join(suffixes)}"
             )
-    return [
+    adapted = [
         AdaptedLayer(name, module.in_features, module.out_features)
         for name, module in linears.items()
         if any(matches(name, key) for key in targets) and not any(matches(name, key) for key in excludes)
     ]
+    if not adapted:
+        raise ConfigError(
+            f"method.target_modules={targets} selects only excluded layers (model.exclude_modules={excludes}); "
+            "nothing would be adapted"
+        )
+    return adapted
 
 
 def check_rank(rank: int, layers: list[AdaptedLayer]) -> None:

@@ -22,14 +22,13 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 SCHEMA_VERSION = 1
 STATES = ("ok", "oom", "error")
-GiB = 1 << 30
 
 
 class ResultFileError(ValueError):

@@ -20,7 +20,8 @@ from transformers import PretrainedConfig
 
 from membench.backends import Backend, create_backend, resolve_name
 from membench.config import RunConfig
-from membench.measure import MeasuredLoop, Metrics
+from membench.errors import ConfigError
+from membench.measure import MeasuredLoop, Metrics, Progress
 from membench.methods import apply_method, autocast_dtype, weight_dtype
 from membench.models import build_model, default_excludes, default_targets, load_hf_config
 from membench.optim import build_optimizer
@@ -31,7 +32,11 @@ from membench.workload import make_batch
 
 @dataclass
 class Plan:
-    """A validated run: what will be built, before anything is allocated."""
+    """A validated run: what will be built, before anything is allocated.
+
+    ``meta_model`` is the model without its method, on ``meta``; it is used for
+    validation only, so a plan can be executed any number of times.
+    """
 
     run: RunConfig
     hf_config: PretrainedConfig
@@ -50,7 +55,12 @@ def plan(run: RunConfig) -> Plan:
     """
     hf_config = load_hf_config(run.model)
     check_sequence_length(run, hf_config)
-    meta_model = build_model(run.model, hf_config, weight_dtype(run.train), "meta")
+    try:
+        meta_model = build_model(run.model, hf_config, weight_dtype(run.train), "meta")
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ConfigError(
+            f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path): {error}"
+        ) from error
     targets, excludes, adapted = [], [], []
     if run.method.uses_adapters:
         targets = run.method.target_modules or default_targets(run.model, hf_config)
@@ -63,9 +73,13 @@ def plan(run: RunConfig) -> Plan:
 def recorded_config(run: RunConfig, backend_name: str) -> dict:
     """The config as stored in the result: resolved backend, no output-only fields."""
     config = dataclasses.asdict(run)
-    config["backend"]["name"] = backend_name
-    for key in ("results_dir", "force"):
-        config.pop(key)
+    config.pop("results_dir")
+    backend = config["backend"]
+    backend["name"] = backend_name
+    # Keep only the knobs that affect this backend, so they alone decide the run id.
+    irrelevant = {"cuda": ("device", "fake_device", "cuda_semantics"), "cpu": ("device", "fake_device")}
+    for key in irrelevant.get(backend_name, ()):
+        backend.pop(key)
     return config
 
 
@@ -88,74 +102,74 @@ def tokens_per_step(run: RunConfig) -> int:
 def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The model (method applied, in train mode) and one synthetic batch, on ``backend``'s device."""
     run = the_plan.run
+    dtype = weight_dtype(run.train)
 
     def factory(device: torch.device) -> nn.Module:
-        model = the_plan.meta_model if device.type == "meta" else build_model(
-            run.model, the_plan.hf_config, weight_dtype(run.train), device)
+        # A fresh model every time (on meta this costs milliseconds): PEFT wraps in place,
+        # and a plan must stay executable more than once.
+        model = build_model(run.model, the_plan.hf_config, dtype, device)
         with torch.device(device):  # PEFT creates adapters on the default device, then moves them
-            return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes,
-                                weight_dtype(run.train))
+            return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes, dtype)
 
     torch.manual_seed(run.workload.seed)
     model = backend.build(factory)
     model.train()
-    batch = make_batch(run.model, the_plan.hf_config, run.workload)
-    return model, {key: backend.to_device(value) for key, value in batch.items()}
+    moved: dict[int, torch.Tensor] = {}  # causal LMs use input_ids as labels: one copy, as a script would
+    batch = {}
+    for key, value in make_batch(run.model, the_plan.hf_config, run.workload).items():
+        batch[key] = moved.setdefault(id(value), backend.to_device(value))
+    return model, batch
 
 
-def _measure(the_plan: Plan, backend: Backend, loop_holder: list) -> Metrics:
+def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
     model, batch = build(the_plan, backend)
-    with backend.session(model):
+    with backend.session([*model.parameters(), *model.buffers(), *batch.values()]):
         optimizer = build_optimizer(model, run.method, run.train)
-        loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train))
-        loop_holder.append(loop)
+        loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
         warmup = backend.warmup_steps(run.workload.warmup_steps)
         return loop.run(warmup, run.workload.measured_steps, tokens_per_step(run))
 
 
+def _failure(backend: Backend, error: BaseException, progress: Progress) -> Status:
+    """The status of a run that raised: ``oom`` when the device ran out, else ``error``."""
+    first_line = "".join(traceback.format_exception_only(error)).strip().splitlines()[0]
+    where = f"{progress.step_label}: " if progress.step_label else ""
+    if backend.is_oom(error):
+        return Status("oom", progress.phase, where + first_line)
+    return Status("error", progress.phase, where + first_line + "\n" + traceback.format_exc(limit=-8))
+
+
 def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
-    """Measure a planned run and return its Result (never raises for OOM or model errors)."""
+    """Measure a planned run and return its Result (never raises for OOM or model errors).
+
+    Raises:
+        ConfigError: the backend cannot run here (no GPU for ``cuda``).
+        BusyDeviceError: the GPU already holds memory that is not this run's.
+    """
     run = the_plan.run
     backend = backend or create_backend(run.backend)
-    if hasattr(backend, "check_idle"):
-        backend.check_idle()
+    backend.check_idle()
+    backend.reset_peak()
     started = time.perf_counter()
-    loop_holder: list[MeasuredLoop] = []
-    status = Status()
+    progress = Progress()
     try:
-        metrics = _measure(the_plan, backend, loop_holder)
-        oom = backend.predicted_oom(metrics.peak_allocated_bytes)
-        if oom:
-            status = Status("oom", _first_phase_over(backend, metrics), oom)
+        metrics = _measure(the_plan, backend, progress)
+        predicted = backend.predicted_oom(metrics.phase_peak_bytes)
+        status = Status("oom", *predicted) if predicted else Status()
     except Exception as error:  # noqa: BLE001 - every failure must become a result row
-        loop = loop_holder[0] if loop_holder else None
-        phase = loop.phase if loop else "build"
-        metrics = loop.metrics if loop else Metrics()
+        status = _failure(backend, error, progress)
+        metrics = progress.metrics
         metrics.peak_allocated_bytes = max(metrics.peak_allocated_bytes or 0, backend.peak_allocated())
-        if backend.is_oom(error):
-            status = Status("oom", phase, str(error).splitlines()[0])
-        else:
-            status = Status("error", phase, "".join(traceback.format_exception_only(error)).strip())
-            status.message += "\n" + traceback.format_exc(limit=-8)
     finally:
-        loop_holder.clear()
-        backend.cleanup()
-    metrics.runtime_overhead_bytes = backend.describe().get("runtime_overhead_bytes", 0)
-    env = {"backend": backend.name, **backend.describe(), **provenance(),
+        backend.cleanup()  # the model died with _measure's frame; give its memory back
+    described = backend.describe()
+    metrics.runtime_overhead_bytes = described.get("runtime_overhead_bytes", 0)
+    env = {"backend": backend.name, **described, **provenance(),
            "warmup_steps_run": backend.warmup_steps(run.workload.warmup_steps),
            "wall_time_s": round(time.perf_counter() - started, 3)}
     config = recorded_config(run, backend.name)
     return Result(run_id(config, backend_label(run, backend.name)), config, status, dataclasses.asdict(metrics), env)
-
-
-def _first_phase_over(backend: Backend, metrics: Metrics) -> Optional[str]:
-    """The first measured phase whose simulated peak does not fit the device."""
-    capacity = backend.describe().get("device_total_memory_bytes")
-    for phase, peak in metrics.phase_peak_bytes.items():
-        if capacity is not None and peak > capacity:
-            return phase
-    return None
 
 
 def measure(run: RunConfig) -> Result:

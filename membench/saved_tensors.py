@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from membench.backends.tracker import storage_key
+from membench.allocator import storage_key
 
 
 class SavedTensorCounter:
@@ -39,5 +39,7 @@ class SavedTensorCounter:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator["SavedTensorCounter"]:
+        """Count one forward pass from zero (storage keys are only unique among live storages)."""
+        self._seen = {}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
             yield self

@@ -6,11 +6,19 @@ from typing import Optional
 
 from membench.results import Result
 
-GiB = 1 << 30
+UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 
 
-def gib(nbytes: Optional[int]) -> str:
-    return "—" if nbytes is None else f"{nbytes / GiB:.2f}"
+def display_unit(nbytes: Optional[int]) -> tuple[str, int]:
+    """The largest binary unit in which ``nbytes`` is at least 1 (GiB for big runs, MiB for tiny ones)."""
+    for name, size in UNITS:
+        if nbytes is not None and nbytes >= size:
+            return name, size
+    return UNITS[-1]
+
+
+def amount(nbytes: Optional[int], size: int) -> str:
+    return "—" if nbytes is None else f"{nbytes / size:.2f}"
 
 
 def describe_config(config: dict) -> str:
@@ -27,12 +35,14 @@ def summarize(result: Result) -> str:
     """E.g. ``llama-7b lora_fa r=64 bs=16 seq=512 bf16 [simulate: NVIDIA H100 80GB HBM3] peak 48.5 GiB ...``."""
     m = result.metrics
     head = f"{describe_config(result.config)} [{result.env['backend']}: {result.env.get('device_name')}]"
+    unit, size = display_unit(m["peak_allocated_bytes"])
     breakdown = (
-        f"weights {gib(m['weight_bytes'])} + grads {gib(m['gradient_bytes'])} + "
-        f"optimizer {gib(m['optimizer_state_bytes'])} + activations {gib(m['activation_bytes'])}"
+        f"weights {amount(m['weight_bytes'], size)} + grads {amount(m['gradient_bytes'], size)} + "
+        f"optimizer {amount(m['optimizer_state_bytes'], size)} + activations {amount(m['activation_bytes'], size)}"
     )
     timing = f"{m['step_time_s'] * 1000:.0f} ms/step" if m.get("step_time_s") else "no step time (simulated)"
-    figures = f"peak {gib(m['peak_allocated_bytes'])} GiB ({breakdown}; saved for backward {gib(m['saved_tensor_bytes'])}), {timing}"
+    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit} ({breakdown}; "
+               f"saved for backward {amount(m['saved_tensor_bytes'], size)}), {timing}")
     status = result.status
     if status.state == "ok":
         return f"{head} → {figures}"

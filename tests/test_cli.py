@@ -7,16 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-import pytest
-
-from conftest import ROOT
-
-MEMBENCH = shutil.which("membench")
-pytestmark = pytest.mark.skipif(MEMBENCH is None, reason="membench is not installed (pip install -e .)")
+# The console script installed beside this interpreter (pip install -e .), else the one on PATH.
+MEMBENCH = str(Path(sys.executable).with_name("membench")) if Path(sys.executable).with_name("membench").exists() \
+    else shutil.which("membench")
 
 
 def membench(*args, cwd):
+    assert MEMBENCH, "the membench command is not installed: pip install -e ."
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([MEMBENCH, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 

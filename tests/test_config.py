@@ -97,6 +97,17 @@ def test_shape_errors_come_before_any_allocation(monkeypatch, model, overrides, 
     assert expected in str(error.value)
 
 
+def test_targets_that_are_all_excluded():
+    with pytest.raises(ConfigError, match="selects only excluded layers"):
+        plan(tiny("tiny-roberta", "lora", "method.target_modules=[classifier.dense]"))
+
+
+def test_model_config_that_transformers_rejects():
+    with pytest.raises(ConfigError) as error:
+        plan(tiny("tiny-roberta", "lora", "model.hf_config.num_attention_heads=3"))
+    assert "model 'tiny-roberta' cannot be built from its config" in str(error.value)
+
+
 def test_t5_has_no_position_limit():
     """Relative positions: a long T5 input is fine (no absolute position table)."""
     assert plan(tiny("tiny-t5", "lora", "workload.seq_len=4096")).adapted

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY_MODELS, tiny
 from membench.backends import create_backend
-from membench.backends.tracker import allocator_bytes
+from membench.allocator import allocator_bytes
 from membench.runner import build, measure, plan
 
 
@@ -117,3 +117,26 @@ def test_order_of_runs_does_not_change_results():
     backward = {r.method.name: measure(r).metrics for r in reversed(runs)}
     for name in forward:
         assert {k: forward[name][k] for k in keys} == {k: backward[name][k] for k in keys}
+
+
+def test_more_measured_steps_measure_the_same_step():
+    """Steps are identical: three measured steps report what one does (saved bytes not summed)."""
+    keys = ("activation_bytes", "saved_tensor_bytes", "peak_allocated_bytes", "gradient_bytes", "phase_peak_bytes")
+    one = measured("tiny-llama", "lora")
+    three = measured("tiny-llama", "lora", "workload.measured_steps=3")
+    assert {k: one[k] for k in keys} == {k: three[k] for k in keys}
+
+
+def test_without_warmup_the_first_step_allocates_optimizer_state():
+    cold = measured("tiny-llama", "lora", "workload.warmup_steps=0")
+    warm = measured("tiny-llama", "lora")
+    assert cold["optimizer_state_bytes"] == warm["optimizer_state_bytes"] > 0
+    assert cold["peak_allocated_bytes"] <= warm["peak_allocated_bytes"]
+
+
+def test_a_plan_can_run_twice():
+    from membench.runner import execute
+
+    the_plan = plan(tiny("tiny-llama", "lora", backend="simulate"))
+    first, second = execute(the_plan), execute(the_plan)
+    assert first.metrics == second.metrics

@@ -73,23 +73,40 @@ def test_error_inside_the_model_becomes_a_result(monkeypatch):
     import membench.measure
 
     def broken_step(self, *args, **kwargs):
-        self.phase = "backward"
+        self.progress.phase = "backward"
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(membench.measure.MeasuredLoop, "step", broken_step)
     result = measure(tiny("tiny-llama", "lora", backend="cpu"))
     assert result.status.state == "error"
     assert result.status.phase == "backward"
-    assert "kernel exploded" in result.status.message
+    assert result.status.message.startswith("warm-up step 1/2: RuntimeError: kernel exploded")
 
 
-def test_cpu_out_of_memory_becomes_an_oom_result(monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes"), MemoryError()],
+    ids=["allocator", "bare-MemoryError"],
+)
+def test_cpu_out_of_memory_becomes_an_oom_result(monkeypatch, error):
     import membench.measure
 
     def oom_step(self, *args, **kwargs):
-        self.phase = "forward"
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes")
+        self.progress.phase = "forward"
+        raise error
 
     monkeypatch.setattr(membench.measure.MeasuredLoop, "step", oom_step)
     result = measure(tiny("tiny-llama", "lora", backend="cpu"))
     assert (result.status.state, result.status.phase) == ("oom", "forward")
+    assert type(error).__name__ in result.status.message
+
+
+def test_failure_while_building_is_a_result(monkeypatch):
+    import membench.runner
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(membench.runner, "build", broken_build)
+    result = measure(tiny("tiny-llama", "lora", backend="cpu"))
+    assert (result.status.state, result.status.phase) == ("error", "build")

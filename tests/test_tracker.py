@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from membench.backends.tracker import AllocationTracker, allocator_bytes
+from membench.allocator import allocator_bytes
+from membench.backends.tracker import AllocationTracker
 
 
 def test_rounding_matches_the_caching_allocator():

@@ -26,7 +26,7 @@ def create_backend(config: BackendConfig) -> Backend:
         from membench.backends.cpu import CpuBackend
 
         return CpuBackend(cuda_semantics=config.cuda_semantics)
-    from membench.backends.devices import DEVICES
+    from membench.devices import DEVICES
     from membench.backends.simulate import SimulateBackend
 
     return SimulateBackend(DEVICES[config.device], config.cuda_semantics, config.fake_device)

@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 
+class BusyDeviceError(RuntimeError):
+    """The GPU was not empty when a run started: its figures would not be this run's."""
+
+
 class Backend(ABC):
     """Runs a model on some device and reports its memory.
 
@@ -35,9 +39,16 @@ class Backend(ABC):
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device)
 
+    def check_idle(self) -> None:
+        """Raise BusyDeviceError if the device already holds memory that is not this run's."""
+
     @contextlib.contextmanager
-    def session(self, model: nn.Module) -> Iterator[None]:
-        """Everything from the optimizer to the last step runs inside this."""
+    def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        """Everything from the optimizer to the last step runs inside this.
+
+        Args:
+            tensors: What exists before the session (weights, buffers, the batch).
+        """
         yield
 
     def warmup_steps(self, requested: int) -> int:
@@ -69,8 +80,8 @@ class Backend(ABC):
     @abstractmethod
     def is_oom(self, error: BaseException) -> bool: ...
 
-    def predicted_oom(self, peak_bytes: int) -> Optional[str]:
-        """A message when a simulated peak would not fit the simulated GPU; None otherwise."""
+    def predicted_oom(self, phase_peaks: dict[str, int]) -> Optional[tuple[str, str]]:
+        """(first phase, message) when simulated peaks would not fit the simulated GPU; None otherwise."""
         return None
 
     def cleanup(self) -> None:

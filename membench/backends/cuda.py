@@ -7,17 +7,15 @@ from typing import Optional
 
 import torch
 
-from membench.backends.base import Backend
+from membench.backends.base import Backend, BusyDeviceError
 from membench.errors import ConfigError
 
 # Another process holding more than this much of the card would make our
 # peaks meaningless (and OOMs spurious). This process's own CUDA context is
 # about 0.5 GiB and is not counted by the allocator.
 FOREIGN_MEMORY_LIMIT = 2 << 30
-
-
-class ForeignMemoryError(RuntimeError):
-    """The GPU was not empty when a run started."""
+OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_ALLOC_FAILED")
 
 
 class CudaBackend(Backend):
@@ -32,16 +30,17 @@ class CudaBackend(Backend):
         """Refuse to measure on a GPU that something else already uses.
 
         Raises:
-            ForeignMemoryError: this process still holds tensors from earlier
+            BusyDeviceError: this process still holds tensors from earlier
                 work, or other processes hold more than FOREIGN_MEMORY_LIMIT.
         """
+        gc.collect()  # tensors of an earlier run in this process that only await collection
         held = torch.cuda.memory_allocated(self.device)
         if held:
-            raise ForeignMemoryError(f"{held} bytes are already allocated in this process before the run")
+            raise BusyDeviceError(f"{held} bytes are already allocated in this process before the run")
         free, total = torch.cuda.mem_get_info(self.device)
         foreign = total - free - torch.cuda.memory_reserved(self.device)
         if foreign > FOREIGN_MEMORY_LIMIT:
-            raise ForeignMemoryError(
+            raise BusyDeviceError(
                 f"{foreign / 2**30:.1f} GiB of {torch.cuda.get_device_name(self.device)} is held by other processes"
             )
 
@@ -61,7 +60,10 @@ class CudaBackend(Backend):
         return torch.cuda.max_memory_reserved(self.device)
 
     def is_oom(self, error: BaseException) -> bool:
-        return isinstance(error, torch.OutOfMemoryError)
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+        # Allocations outside the caching allocator (cuBLAS, cuDNN, the driver) fail as RuntimeErrors.
+        return isinstance(error, RuntimeError) and any(text in str(error) for text in OOM_MESSAGES)
 
     def cleanup(self) -> None:
         gc.collect()

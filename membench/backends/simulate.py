@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from membench.backends.devices import DeviceProfile
+from membench.devices import DeviceProfile
 from membench.backends.tracked import TrackedBackend
 from membench.errors import ConfigError
 
@@ -83,7 +83,9 @@ class SimulateBackend(TrackedBackend):
     def __init__(self, profile: DeviceProfile, cuda_semantics: bool = True, fake_device: str = "auto") -> None:
         if fake_device == "cuda" and not torch.backends.cuda.is_built():
             raise ConfigError("backend.fake_device=cuda needs a CUDA build of torch; use auto or cpu")
-        fake_cuda = fake_device == "cuda" or (fake_device == "auto" and torch.backends.cuda.is_built())
+        # auto: fake CUDA only where CUDA really runs. A CUDA wheel without a GPU would
+        # silently disable torch.autocast("cuda") and leave kernel choice to a missing device.
+        fake_cuda = fake_device == "cuda" or (fake_device == "auto" and torch.cuda.is_available())
         # With fake CUDA tensors the CUDA code paths run as they are; no emulation needed.
         super().__init__(torch.device("cuda" if fake_cuda else "cpu"), cuda_semantics and not fake_cuda)
         self.profile = profile
@@ -99,9 +101,9 @@ class SimulateBackend(TrackedBackend):
             return self.fake_mode.from_tensor(tensor).to(self.device)
 
     @contextlib.contextmanager
-    def session(self, model: nn.Module) -> Iterator[None]:
+    def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
         # The tracker must sit above the fake mode, so it sees the fake outputs.
-        with self.fake_mode, super().session(model), _unpacked_sequences():
+        with self.fake_mode, super().session(tensors), _unpacked_sequences():
             yield
 
     def warmup_steps(self, requested: int) -> int:
@@ -117,13 +119,14 @@ class SimulateBackend(TrackedBackend):
     def is_oom(self, error: BaseException) -> bool:
         return False  # fake tensors never run out; see predicted_oom
 
-    def predicted_oom(self, peak_bytes: int) -> Optional[str]:
-        if peak_bytes <= self.profile.total_memory_bytes:
+    def predicted_oom(self, phase_peaks: dict[str, int]) -> Optional[tuple[str, str]]:
+        capacity = self.profile.total_memory_bytes
+        over = [phase for phase, peak in phase_peaks.items() if peak > capacity]
+        if not over:
             return None
-        return (
-            f"predicted peak {peak_bytes / GiB:.2f} GiB exceeds the {self.profile.name}'s "
-            f"{self.profile.total_memory_bytes / GiB:.1f} GiB"
-        )
+        peak = max(phase_peaks.values())
+        return over[0], (f"predicted peak {peak / GiB:.2f} GiB exceeds the {self.profile.name}'s "
+                         f"{capacity / GiB:.1f} GiB")
 
     def describe(self) -> dict:
         return {

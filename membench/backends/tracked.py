@@ -6,7 +6,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-from torch import nn
 
 from membench.backends.base import Backend
 from membench.backends.cuda_semantics import CudaSemantics
@@ -27,9 +26,9 @@ class TrackedBackend(Backend):
         self.cuda_semantics = cuda_semantics
 
     @contextlib.contextmanager
-    def session(self, model: nn.Module) -> Iterator[None]:
-        # Weights were made before tracking started; count them now, once per storage.
-        for tensor in [*model.parameters(), *model.buffers()]:
+    def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        # Weights and the batch were made before tracking started; count them now, once per storage.
+        for tensor in tensors:
             self.tracker.track(tensor)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.tracker)

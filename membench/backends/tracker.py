@@ -18,20 +18,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ALLOCATOR_ROUNDING = 512  # bytes; CUDACachingAllocator's kMinBlockSize
-
-
-def allocator_bytes(nbytes: int) -> int:
-    """Bytes the CUDA caching allocator reserves for a request of ``nbytes`` (0 stays 0)."""
-    if nbytes == 0:
-        return 0
-    return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
-
-
-def storage_key(tensor: torch.Tensor) -> int:
-    """Identity of a tensor's storage, stable while it is alive (works for fake tensors)."""
-    return tensor.untyped_storage()._cdata
-
+from membench.allocator import allocator_bytes, storage_key
 
 class AllocationTracker(TorchDispatchMode):
     """Tracks live bytes and their peak, in integer bytes.

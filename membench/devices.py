@@ -45,36 +45,24 @@ HOPPER_CUBLAS_WORKSPACE = 32 * MiB
 DEFAULT_CUBLAS_WORKSPACE = 4096 * KiB * 2 + 16 * KiB * 8
 TRAINING_THREADS = 2  # forward/optimizer thread + autograd device thread
 
-DEVICES: dict[str, DeviceProfile] = {
-    profile.key: profile
-    for profile in (
-        DeviceProfile(
-            key="h100-80gb",
-            name="NVIDIA H100 80GB HBM3",
-            total_memory_bytes=85_520_809_984,  # 79.6 GiB, as torch reports it
-            runtime_overhead_bytes=TRAINING_THREADS * HOPPER_CUBLAS_WORKSPACE,
-            measured=True,
-        ),
-        DeviceProfile(
-            key="gpu-80gb",
-            name="generic 80 GiB GPU (Ampere-class)",
-            total_memory_bytes=80 * 1024 * MiB,
-            runtime_overhead_bytes=TRAINING_THREADS * DEFAULT_CUBLAS_WORKSPACE,
-            measured=False,
-        ),
-        DeviceProfile(
-            key="gpu-40gb",
-            name="generic 40 GiB GPU (Ampere-class)",
-            total_memory_bytes=40 * 1024 * MiB,
-            runtime_overhead_bytes=TRAINING_THREADS * DEFAULT_CUBLAS_WORKSPACE,
-            measured=False,
-        ),
-        DeviceProfile(
-            key="gpu-24gb",
-            name="generic 24 GiB GPU (Ampere-class)",
-            total_memory_bytes=24 * 1024 * MiB,
-            runtime_overhead_bytes=TRAINING_THREADS * DEFAULT_CUBLAS_WORKSPACE,
-            measured=False,
-        ),
+H100 = DeviceProfile(
+    key="h100-80gb",
+    name="NVIDIA H100 80GB HBM3",
+    total_memory_bytes=85_520_809_984,  # 79.6 GiB, as torch reports it
+    runtime_overhead_bytes=TRAINING_THREADS * HOPPER_CUBLAS_WORKSPACE,
+    measured=True,
+)
+
+
+def generic(gibibytes: int) -> DeviceProfile:
+    """A nominal card of ``gibibytes`` GiB with pre-Hopper cuBLAS workspaces (budget planning)."""
+    return DeviceProfile(
+        key=f"gpu-{gibibytes}gb",
+        name=f"generic {gibibytes} GiB GPU (Ampere-class)",
+        total_memory_bytes=gibibytes * 1024 * MiB,
+        runtime_overhead_bytes=TRAINING_THREADS * DEFAULT_CUBLAS_WORKSPACE,
+        measured=False,
     )
-}
+
+
+DEVICES: dict[str, DeviceProfile] = {profile.key: profile for profile in (H100, generic(80), generic(40), generic(24))}

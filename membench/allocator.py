@@ -1,0 +1,23 @@
+"""What CUDA's caching allocator charges for a tensor, and how storages are told apart.
+
+Shared by the allocator model (backends/tracker.py) and the measured loop, which
+counts weights, gradients and saved tensors the same way on every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ALLOCATOR_ROUNDING = 512  # bytes; CUDACachingAllocator's kMinBlockSize
+
+
+def allocator_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator reserves for a request of ``nbytes`` (0 stays 0)."""
+    if nbytes == 0:
+        return 0
+    return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's storage, stable while it is alive (works for fake tensors)."""
+    return tensor.untyped_storage()._cdata

@@ -1,0 +1,38 @@
+"""The printed line: units chosen for reading, status first when a run did not finish."""
+
+from __future__ import annotations
+
+from membench.results import Result, Status
+from membench.summary import display_unit, summarize
+
+CONFIG = {
+    "model": {"name": "llama-7b"},
+    "method": {"name": "lora_fa", "kind": "lora_fa", "rank": 64},
+    "workload": {"batch_size": 16, "seq_len": 512},
+    "train": {"precision": "bf16"},
+}
+METRICS = {"weight_bytes": 3 << 30, "gradient_bytes": 1 << 29, "optimizer_state_bytes": 1 << 30,
+           "activation_bytes": 5 << 30, "saved_tensor_bytes": 4 << 30, "peak_allocated_bytes": 10 << 30,
+           "step_time_s": 0.25}
+ENV = {"backend": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
+
+
+def test_display_unit():
+    assert display_unit(3 << 30) == ("GiB", 1 << 30)
+    assert display_unit(5 << 20) == ("MiB", 1 << 20)
+    assert display_unit(100) == ("KiB", 1 << 10)
+    assert display_unit(None) == ("KiB", 1 << 10)
+
+
+def test_ok_line():
+    line = summarize(Result("id", CONFIG, Status(), METRICS, ENV))
+    assert line == ("llama-7b lora_fa r=64 bs=16 seq=512 bf16 [cuda: NVIDIA H100 80GB HBM3] → peak 10.00 GiB "
+                    "(weights 3.00 + grads 0.50 + optimizer 1.00 + activations 5.00; saved for backward 4.00), "
+                    "250 ms/step")
+
+
+def test_oom_and_error_lines():
+    oom = summarize(Result("id", CONFIG, Status("oom", "backward", "CUDA out of memory.\nmore"), METRICS, ENV))
+    assert "→ OOM in backward: CUDA out of memory.;" in oom and "more" not in oom
+    error = summarize(Result("id", CONFIG, Status("error", "build", "ValueError: bad"), METRICS, ENV))
+    assert error.endswith("→ ERROR in build: ValueError: bad")
