@@ -27,9 +27,6 @@ from membench.backends.base import Backend
 from membench.allocator import allocator_bytes, storage_key
 from membench.saved_tensors import SavedTensorCounter
 
-PHASES = ("forward", "backward", "optimizer_step")
-
-
 @dataclass
 class Metrics:
     """Everything one run measured. Bytes are integers; None means not reached or not available."""

@@ -166,6 +166,9 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     described = backend.describe()
     metrics.runtime_overhead_bytes = described.get("runtime_overhead_bytes", 0)
     env = {"backend": backend.name, **described, **provenance(),
+           # What the defaults resolved to, so a row stays exact if the family defaults change.
+           "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
+           "adapted_layers": len(the_plan.adapted),
            "warmup_steps_run": backend.warmup_steps(run.workload.warmup_steps),
            "wall_time_s": round(time.perf_counter() - started, 3)}
     config = recorded_config(run, backend.name)

@@ -31,6 +31,10 @@ def test_sections_and_provenance(result, tmp_path):
     for key in ("backend", "device_name", "torch", "transformers", "peft", "git_sha", "git_dirty", "created_at"):
         assert key in data["env"]
     assert data["config"]["backend"]["name"] == "simulate"  # resolved, never "auto"
+    assert data["config"]["method"]["target_modules"] is None  # as asked: the family default...
+    assert data["env"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]  # ...and what that resolved to
+    assert data["env"]["adapted_layers"] == 2 * 7  # tiny-llama: 2 blocks x 7 linears
 
 
 def test_bytes_are_integers(result):
