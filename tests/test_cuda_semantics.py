@@ -5,93 +5,162 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from membench.allocator import allocator_bytes
 from membench.backends.cuda_semantics import (
     CudaSemantics,
     _FusedAttentionSavings,
     _math_attention,
     cuda_attention_kernel,
 )
+from membench.backends.tracker import AllocationTracker
 from membench.saved_tensors import SavedTensorCounter
 
+B, H, L, D = 2, 4, 16, 8
 
-def qkv(dtype=torch.float32, kv_heads=4, requires_grad=True):
+
+def qkv(dtype=torch.float32, kv_heads=H, head_dim=D, requires_grad=True):
     torch.manual_seed(0)
-    make = lambda heads: torch.randn(2, heads, 16, 8, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
-    return make(4), make(kv_heads), make(kv_heads)
+    make = lambda heads: torch.randn(B, heads, L, head_dim, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+    return make(H), make(kv_heads), make(kv_heads)
+
+
+def strided_mask():
+    return torch.zeros(L, L, H).permute(2, 0, 1)[None]  # how T5's relative bias comes out of its embedding
 
 
 @pytest.mark.parametrize(
-    ("dtype", "mask", "kv_heads", "expected"),
+    ("dtype", "mask", "kv_heads", "head_dim", "expected"),
     [
-        (torch.bfloat16, None, 4, "flash"),
-        (torch.bfloat16, None, 2, "flash"),  # flash handles grouped-query attention natively
-        (torch.bfloat16, "dense", 4, "efficient"),  # any mask rules flash out
-        (torch.float32, None, 4, "efficient"),  # flash is fp16/bf16 only
-        (torch.float32, None, 2, "math"),  # efficient has no grouped-query attention
-        (torch.float32, "strided", 4, "math"),  # fused kernels need a contiguous last dim
+        (torch.bfloat16, None, H, D, "flash"),
+        (torch.float16, None, 2, D, "flash"),  # flash handles grouped-query attention natively
+        (torch.bfloat16, None, H, 512, "efficient"),  # flash stops at head dim 256
+        (torch.bfloat16, "dense", H, D, "efficient"),  # any mask rules flash out
+        (torch.float32, None, H, D, "efficient"),  # flash is fp16/bf16 only
+        (torch.float32, None, 2, D, "math"),  # efficient has no grouped-query attention
+        (torch.float32, "strided", H, D, "math"),  # fused kernels need a contiguous last dim
+        (torch.float32, None, H, 6, "math"),  # efficient needs fp32 head dims in multiples of 4
+        (torch.float64, None, H, D, "math"),  # no fused kernel takes fp64
     ],
 )
-def test_kernel_choice_follows_torch_rules(dtype, mask, kv_heads, expected):
-    query, key, _ = qkv(dtype, kv_heads)
-    attn_mask = {"dense": torch.zeros(1, 4, 16, 16), "strided": torch.zeros(16, 16, 4).permute(2, 0, 1)[None],
-                 None: None}[mask]
-    assert cuda_attention_kernel(query, key, attn_mask, enable_gqa=kv_heads != 4) == expected
+def test_kernel_choice_follows_torch_rules(dtype, mask, kv_heads, head_dim, expected):
+    query, key, value = qkv(dtype, kv_heads, head_dim)
+    attn_mask = {"dense": torch.zeros(1, H, L, L), "strided": strided_mask(), None: None}[mask]
+    assert cuda_attention_kernel(query, key, value, attn_mask, enable_gqa=kv_heads != H) == expected
 
 
-@pytest.mark.parametrize(("causal", "with_mask", "kv_heads"), [(False, True, 4), (True, False, 4), (False, False, 2)])
-def test_math_mirror_saves_what_the_math_kernel_saves(causal, with_mask, kv_heads):
-    query, key, value = qkv(kv_heads=kv_heads)
-    mask = torch.randn(1, 4, 16, 16) if with_mask else None
-    gqa = kv_heads != 4
-    counted = []
-    for attention in ("aten", "mirror"):
-        counter = SavedTensorCounter([query, key, value])
-        with counter.counting():
-            if attention == "aten":
-                out = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, mask, 0.0, causal, None,
-                                                                        enable_gqa=gqa)[0]
-            else:
-                out = _math_attention(query, key, value, mask, 0.0, causal, None, gqa)
-        counted.append((counter.total_bytes, out))
-    assert counted[0][0] == counted[1][0]
-    torch.testing.assert_close(counted[0][1], counted[1][1])
+def test_strided_value_rules_out_fused_kernels():
+    query, key, _ = qkv()
+    value = torch.randn(B, H, D, L).transpose(-2, -1)
+    assert cuda_attention_kernel(query, key, value, None, False) == "math"
+
+
+def saved_and_output(function):
+    counter = SavedTensorCounter([])
+    with counter.counting():
+        output = function()
+    return counter.total_bytes, output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("causal", "mask", "kv_heads"), [(False, "float", H), (True, None, H), (False, None, 2),
+                                                          (False, "bool", H)])
+def test_math_mirror_saves_what_the_math_kernel_saves(dtype, causal, mask, kv_heads):
+    query, key, value = qkv(dtype, kv_heads)
+    attn_mask = {"float": torch.randn(1, H, L, L, dtype=dtype), "bool": torch.rand(1, H, L, L) > 0.2, None: None}[mask]
+    gqa = kv_heads != H
+    additive = attn_mask if mask != "bool" else torch.zeros(attn_mask.shape, dtype=dtype).masked_fill_(
+        ~attn_mask, float("-inf"))  # SDPA converts bool masks before calling the math kernel
+    aten = saved_and_output(lambda: torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, additive, 0.0, causal, None, enable_gqa=gqa)[0])
+    mirror = saved_and_output(lambda: _math_attention(query, key, value, attn_mask, 0.0, causal, None, gqa))
+    assert mirror[0] == aten[0] > 0
+    assert mirror[1].dtype == dtype
+    torch.testing.assert_close(mirror[1], aten[1])
 
 
 def test_math_mirror_dropout_keeps_a_bool_mask():
     query, key, value = qkv()
-    counter = SavedTensorCounter([query, key, value])
-    with counter.counting():
-        _math_attention(query, key, value, None, 0.1, False, None, False)
-    probabilities = 2 * 4 * 16 * 16
-    # scaled q and k, softmax output, bool mask, dropped probabilities: the float mask would add 3 B each.
-    assert counter.total_bytes == 2 * (2 * 4 * 16 * 8 * 4) + probabilities * (4 + 1 + 4)
+    saved, _ = saved_and_output(lambda: _math_attention(query, key, value, None, 0.1, False, None, False))
+    probabilities = B * H * L * L
+    # scaled q and k, and v; softmax output, bool mask, dropped probabilities (a float mask: 3 B more each).
+    assert saved == 3 * (B * H * L * D * 4) + probabilities * (4 + 1 + 4)
 
 
-def test_fused_savings_gradients_are_exact():
+def test_math_mirror_refuses_mask_and_causal_together():
     query, key, value = qkv()
-    bias = torch.randn(1, 4, 16, 16, requires_grad=True)
-    reference = _math_attention(query, key, value, bias, 0.0, False, None, False)
-    expected = torch.autograd.grad(reference.sum(), (query, key, value, bias))
-    output = _FusedAttentionSavings.apply(query, key, value, bias, False, None)
+    with pytest.raises(ValueError, match="not both"):
+        _math_attention(query, key, value, torch.zeros(1, H, L, L), 0.0, True, None, False)
+
+
+@pytest.mark.parametrize("needs_grad", [(True, True, True, True), (False, True, False, True), (True, False, True, False)])
+def test_fused_savings_gradients_match_torch(needs_grad):
+    query, key, value = qkv(requires_grad=False)
+    bias = torch.randn(1, H, L, L)
+    inputs = [t.clone().requires_grad_(flag) for t, flag in zip((query, key, value, bias), needs_grad)]
+    wanted = [t for t in inputs if t.requires_grad]
+    reference = F.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3], scale=0.3)
+    expected = torch.autograd.grad(reference.sum(), wanted)
+    output = _FusedAttentionSavings.apply(*inputs, False, 0.3)
     torch.testing.assert_close(output, reference)
-    for got, want in zip(torch.autograd.grad(output.sum(), (query, key, value, bias)), expected):
+    for got, want in zip(torch.autograd.grad(output.sum(), wanted), expected):
         torch.testing.assert_close(got, want)
 
 
-def test_fused_savings_keep_no_probabilities():
+def test_fused_savings_keep_no_probabilities_and_make_no_temporaries():
     query, key, value = qkv()
-    bias = torch.randn(1, 4, 16, 16, requires_grad=True)
+    bias = torch.randn(1, H, L, L, requires_grad=True)
+    tracker = AllocationTracker("cpu")
     counter = SavedTensorCounter([])
-    with counter.counting():
-        _FusedAttentionSavings.apply(query, key, value, bias, False, None)
-    inputs = 3 * (2 * 4 * 16 * 8 * 4) + 4 * 16 * 16 * 4
-    output_and_logsumexp = 2 * 4 * 16 * 8 * 4 + 2 * 4 * 16 * 4
-    assert counter.total_bytes == inputs + output_and_logsumexp
+    with tracker, counter.counting():
+        before = tracker.allocated
+        tracker.reset_peak()
+        output = _FusedAttentionSavings.apply(query, key, value, bias, False, None)
+        forward_peak = tracker.peak - before
+    output_bytes, logsumexp_bytes = B * H * L * D * 4, B * H * L * 4
+    assert counter.total_bytes == 3 * (B * H * L * D * 4) + H * L * L * 4 + output_bytes + logsumexp_bytes
+    assert forward_peak == allocator_bytes(output_bytes) + allocator_bytes(logsumexp_bytes)
 
 
-def test_functions_are_restored_and_recompute_sees_the_swap():
-    original = (F.dropout, F.scaled_dot_product_attention)
+def test_autocast_casts_attention_inputs_as_cuda_does():
+    """Under bf16 autocast, fp32 q/k/v reach the kernel as bf16: flash for a causal GQA decoder, no S x S kept."""
+    query, key, value = qkv(kv_heads=2)
+    with CudaSemantics(), torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, output = saved_and_output(lambda: F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, enable_gqa=True))
+    assert output.dtype == torch.bfloat16
+    casts = B * H * L * D * 2 + 2 * (B * 2 * L * D * 2)  # bf16 copies of q, k, v
+    assert saved == casts + B * H * L * D * 2 + B * H * L * 4  # + output (bf16) + logsumexp (fp32)
+
+
+def test_dropout_is_routed_and_checked():
+    x = torch.randn(64, requires_grad=True)
     with CudaSemantics():
-        assert F.dropout is not original[0]
+        saved, _ = saved_and_output(lambda: F.dropout(x, 0.5))
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            F.dropout(x, 1.5)
+    assert saved == 64  # one bool mask; the CPU path would keep 64 floats
+
+
+def test_recompute_under_checkpoint_uses_the_swapped_functions():
+    """Checkpointed blocks are recomputed in backward; the recompute must save what the forward saved."""
+    x = torch.randn(8, 32, requires_grad=True)
+    with CudaSemantics():
+        y = checkpoint(lambda t: F.dropout(t * 2, 0.1).sum(), x, use_reentrant=False)
+        y.backward()  # a CheckpointError here means the recompute took the CPU path
+    assert x.grad is not None
+
+
+def test_functions_are_restored_even_after_an_error():
+    original = (F.dropout, F.scaled_dot_product_attention)
+    semantics = CudaSemantics()
+    with pytest.raises(KeyError):
+        with semantics:
+            assert F.dropout is not original[0] and F.scaled_dot_product_attention is not original[1]
+            raise KeyError("boom")
+    assert (F.dropout, F.scaled_dot_product_attention) == original
+    with semantics:  # reusable after exit, but not re-entrant
+        with pytest.raises(RuntimeError, match="already active"):
+            semantics.__enter__()
     assert (F.dropout, F.scaled_dot_product_attention) == original

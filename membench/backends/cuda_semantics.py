@@ -8,13 +8,19 @@ two functions that every model here calls:
   on RoBERTa-large that made a CPU simulation 1.13 GiB too high
   against the H100. We call ``native_dropout`` instead.
 * ``F.scaled_dot_product_attention``: CUDA picks flash, memory-efficient or
-  math by dtype, mask and grouped-query attention (:func:`cuda_attention_kernel`).
-  The fused kernels draw their dropout mask from a Philox seed and save only
-  output + logsumexp; the CPU flash kernel refuses dropout, so plain CPU falls
-  back to the math path with its S x S probabilities and float mask. We call
-  the CPU flash kernel with dropout 0 where CUDA would run a fused kernel, and
-  the math kernel with a bool mask where CUDA would run math. The skipped
-  attention dropout changes numbers in the loss, never the bytes.
+  math by dtype, mask, layout and grouped-query attention
+  (:func:`cuda_attention_kernel`). The fused kernels draw their dropout mask
+  from a Philox seed and save only output + logsumexp; the CPU flash kernel
+  refuses dropout, so plain CPU falls back to the math path with its S x S
+  probabilities and float mask. We call the CPU flash kernel with dropout 0
+  where CUDA would run a fused kernel, and mirror the math kernel op for op
+  (with a bool dropout mask) where CUDA would run math. The skipped attention
+  dropout changes numbers in the loss, never the bytes.
+
+Not modelled: cuDNN attention (preferred on H100 by some torch releases; it
+saves about what flash saves), flash's padding of head dims to a multiple of 8,
+and the padded mask copy the efficient kernel makes for a mask whose strides
+are not multiples of 8.
 """
 
 from __future__ import annotations
@@ -24,98 +30,139 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLASH_MAX_HEAD_DIM = 256
 
 
-def cuda_attention_kernel(query, key, attn_mask, enable_gqa) -> str:
+def cuda_attention_kernel(query, key, value, attn_mask, enable_gqa) -> str:
     """The SDPA kernel CUDA picks (sm80+), by the rules of torch's ``select_sdp_backend``.
 
     flash: fp16/bf16, no mask, head dim <= 256; handles grouped-query attention natively.
-    efficient: any float dtype, masks allowed, but no grouped-query attention.
+    efficient: fp16/bf16/fp32, masks allowed, head dim a multiple of 8 (4 in fp32),
+    but no grouped-query attention.
     math: everything else; materialises the S x S probabilities. That includes any
     input or mask whose last dimension is not contiguous: every fused CUDA kernel
     requires stride 1 there (``check_last_dim_stride_equals_1_dense``), the CPU ones do not.
     """
-    strided = [t for t in (query, key, attn_mask) if t is not None and t.stride(-1) != 1 and t.shape[-1] != 1]
-    if strided:
+    inputs_strided = any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (query, key, value))
+    mask_strided = attn_mask is not None and attn_mask.stride(-1) != 1
+    if inputs_strided or mask_strided:
         return "math"
-    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
-    if query.dtype in FLASH_DTYPES and attn_mask is None and query.shape[-1] <= FLASH_MAX_HEAD_DIM:
+    head_dim = query.shape[-1]
+    if query.dtype in FLASH_DTYPES and attn_mask is None and head_dim <= FLASH_MAX_HEAD_DIM:
         return "flash"
-    if not grouped:
+    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
+    alignment = 4 if query.dtype == torch.float32 else 8
+    if query.dtype in EFFICIENT_DTYPES and not grouped and head_dim % alignment == 0:
         return "efficient"
     return "math"
+
+
+def _additive(attn_mask, dtype):
+    """A bool mask as the additive float mask SDPA converts it to."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(~attn_mask, float("-inf"))
 
 
 def _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """CUDA's math kernel, op for op (``_scaled_dot_product_attention_math``), dropout as on CUDA.
 
-    Same ops in the same order, so the same tensors are saved; only the dropout
-    differs from the CPU build of that kernel: ``native_dropout`` keeps a bool mask.
+    Same ops in the same order, so the same tensors are saved and the same
+    temporaries made; only the dropout differs from the CPU build of that
+    kernel: ``native_dropout`` keeps a bool mask.
     """
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal, not both")
+    original_dtype = query.dtype
+    attn_mask = _additive(attn_mask, original_dtype)  # SDPA converts a bool mask before the kernel
+    upcast = original_dtype in FLASH_DTYPES and not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    if upcast:  # the kernel keeps q, k, v in fp32 for accuracy
+        query, key, value = query.float(), key.float(), value.float()
+    factor = math.sqrt(abs(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+    query = query * (-factor if scale is not None and scale < 0 else factor)
+    if is_causal:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        attn_mask = _additive(causal, query.dtype)
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         groups = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
-    factor = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
-    if is_causal:
-        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(~attn_mask, float("-inf"))
-    scores = (query * factor) @ (key.transpose(-2, -1) * factor)
+    scores = query @ (key.transpose(-2, -1) * factor)
     if attn_mask is not None:
         scores.add_(attn_mask)
     probabilities = torch.ops.aten._safe_softmax.default(scores, -1)
     if dropout_p > 0.0:
         probabilities = torch.ops.aten.native_dropout(probabilities, dropout_p, True)[0]
-    return probabilities @ value
+    output = (probabilities @ value).to(original_dtype)
+    probabilities.to(original_dtype)  # the kernel's second output: made, then dropped by SDPA
+    return output
 
 
 class _FusedAttentionSavings(torch.autograd.Function):
-    """What a fused kernel keeps for backward (inputs, output, logsumexp), for a mask that needs a gradient.
+    """CUDA's memory-efficient kernel with a bias that needs a gradient (T5 fine-tuned in full).
 
-    CUDA's memory-efficient kernel differentiates its bias; the CPU flash kernel
-    cannot. This runs the math in forward without saving its S x S
-    intermediates, saves what the fused kernel saves, and recomputes in backward.
+    The CPU flash kernel cannot differentiate its mask. This runs it forward
+    (no S x S intermediates), saves what the efficient kernel saves (q, k, v,
+    bias, output, logsumexp), and in backward makes the kernel's outputs: dq,
+    dk, dv from the CPU flash backward, and the bias gradient, computed in
+    place so that only one S x S temporary exists beside it.
     """
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale):
-        with torch.no_grad():
-            output = _math_attention(query, key, value, attn_mask, 0.0, is_causal, scale, False)
-        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )
         ctx.save_for_backward(query, key, value, attn_mask, output, logsumexp)
         ctx.is_causal, ctx.scale = is_causal, scale
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, attn_mask, _output, _logsumexp = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (query, key, value, attn_mask)]
-        with torch.enable_grad():
-            output = _math_attention(*inputs, 0.0, ctx.is_causal, ctx.scale, False)
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(output, wanted, grad_output))
-        return (*[next(grads) if t.requires_grad else None for t in inputs], None, None)
+        query, key, value, attn_mask, output, logsumexp = ctx.saved_tensors
+        grad_query, grad_key, grad_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_output, query, key, value, output, logsumexp, 0.0, ctx.is_causal, attn_mask=attn_mask,
+            scale=ctx.scale,
+        )
+        grad_mask = None
+        if ctx.needs_input_grad[3]:
+            scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(query.shape[-1])
+            # dS = P * (dP - rowsum(dO * O)), with P = exp(QK^T * scale + bias - logsumexp).
+            probabilities = (query @ key.transpose(-2, -1)).mul_(scale).add_(attn_mask)
+            probabilities.sub_(logsumexp.unsqueeze(-1).to(probabilities.dtype)).exp_()
+            grad_scores = grad_output @ value.transpose(-2, -1)
+            grad_scores.sub_((grad_output * output).sum(-1, keepdim=True)).mul_(probabilities)
+            del probabilities
+            grad_mask = grad_scores.sum_to_size(attn_mask.shape)
+        return grad_query, grad_key, grad_value, grad_mask, None, None
 
 
 def _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Attention that saves for backward what CUDA's chosen kernel saves."""
-    kernel = cuda_attention_kernel(query, key, attn_mask, enable_gqa)
+    kernel = cuda_attention_kernel(query, key, value, attn_mask, enable_gqa)
     if kernel == "math":
         return _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    attn_mask = _additive(attn_mask, query.dtype)
     if attn_mask is not None and attn_mask.requires_grad:
         return _FusedAttentionSavings.apply(query, key, value, attn_mask, is_causal, scale)
     # flash and efficient keep output + logsumexp (and their inputs); the CPU flash kernel does
     # the same, and like CUDA's flash it takes fewer key/value heads as they are.
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(~attn_mask, float("-inf"))
     output, _logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
     return output
+
+
+def _under_autocast(query, key, value, attn_mask):
+    """Cast as autocast casts SDPA's inputs (it is on the lower-precision list), or return them as they are."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value, attn_mask
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+    return cast(query), cast(key), cast(value), cast(attn_mask)
 
 
 class CudaSemantics:
@@ -124,16 +171,24 @@ class CudaSemantics:
     The two functions are swapped in ``torch.nn.functional`` for the duration,
     not intercepted with a ``TorchFunctionMode``: function modes are not active
     inside backward, where activation checkpointing recomputes the forward, and
-    a recompute that took the other path would save different tensors.
+    a recompute that took the other path would save different tensors. The swap
+    is process-wide: one measurement per process at a time.
     """
 
+    def __init__(self) -> None:
+        self._original = None
+
     def __enter__(self) -> "CudaSemantics":
+        if self._original is not None:
+            raise RuntimeError("CudaSemantics is already active")
         self._original = (F.dropout, F.scaled_dot_product_attention)
         original_dropout, original_sdpa = self._original
 
         def dropout(input, p=0.5, training=True, inplace=False):
-            if not training or p == 0.0 or inplace or input.device.type != "cpu":
-                return original_dropout(input, p, training, inplace)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+            if not training or p in (0.0, 1.0) or inplace or input.device.type != "cpu":
+                return original_dropout(input, p, training, inplace)  # as on CUDA: no fused kernel here
             output, _mask = torch.ops.aten.native_dropout(input, p, True)
             return output
 
@@ -142,10 +197,13 @@ class CudaSemantics:
             if query.device.type != "cpu":
                 return original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-            return _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            query, key, value, attn_mask = _under_autocast(query, key, value, attn_mask)
+            with torch.autocast(query.device.type, enabled=False):
+                return _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
         F.dropout, F.scaled_dot_product_attention = dropout, scaled_dot_product_attention
         return self
 
     def __exit__(self, *exc_info) -> None:
         F.dropout, F.scaled_dot_product_attention = self._original
+        self._original = None
