@@ -154,24 +154,47 @@ class MeasuredLoop:
         before_update = self.backend.allocated()
         self.optimizer.step()
         if first:
-            self.backend.host_resident(host_step_counters(self.optimizer))
-            self.metrics.optimizer_state_bytes = self.backend.allocated() - before_update
-            self.metrics.phase_allocated_bytes["optimizer_state"] = self.backend.allocated()
+            self._record_optimizer_state(before_update)
         self.optimizer.zero_grad(set_to_none=True)
         self._leave("optimizer_step", peaks, reserved)
         return time.perf_counter() - start
 
-    def run(self, warmup_steps: int, measured_steps: int, tokens_per_step: int) -> Metrics:
+    def _record_optimizer_state(self, before_update: int) -> None:
+        self.backend.host_resident(host_step_counters(self.optimizer))
+        self.metrics.optimizer_state_bytes = self.backend.allocated() - before_update
+        self.metrics.phase_allocated_bytes["optimizer_state"] = self.backend.allocated()
+
+    def prime_optimizer(self) -> None:
+        """Allocate the optimizer state as the first step would, from zero gradients, without forward/backward.
+
+        Gradients exist during the first real ``optimizer.step()`` too, so the
+        recorded ``optimizer_state`` figures are the same.
+        """
+        self.progress.step_label = "optimizer priming"
+        self._enter("optimizer_step")
+        for param in self.trainable:
+            param.grad = torch.zeros_like(param)
+        before_update = self.backend.allocated()
+        self.optimizer.step()
+        self._record_optimizer_state(before_update)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self, warmup_steps: int, measured_steps: int, tokens_per_step: int, primed: bool = False) -> Metrics:
+        """Warm up (or take ``primed`` optimizer state as given), then measure.
+
+        Args:
+            primed: :meth:`prime_optimizer` already allocated the optimizer state.
+        """
         self.backend.before_first_step()
         for index in range(warmup_steps):
             self.progress.step_label = f"warm-up step {index + 1}/{warmup_steps}"
-            self.step(first=index == 0, measured=False, peaks={}, reserved=[])
+            self.step(first=index == 0 and not primed, measured=False, peaks={}, reserved=[])
         peaks = self.metrics.phase_peak_bytes  # filled live, so a failure keeps the peaks so far
         reserved: list[int] = []
         times = []
         for index in range(measured_steps):
             self.progress.step_label = f"measured step {index + 1}/{measured_steps}"
-            first = warmup_steps == 0 and index == 0
+            first = warmup_steps == 0 and index == 0 and not primed
             times.append(self.step(first=first, measured=True, peaks=peaks, reserved=reserved))
         self.progress.phase = "done"
         self.metrics.peak_allocated_bytes = max(peaks.values())

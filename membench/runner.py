@@ -128,7 +128,10 @@ def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
         optimizer = build_optimizer(model, run.method, run.train)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
         warmup = backend.warmup_steps(run.workload.warmup_steps)
-        return loop.run(warmup, run.workload.measured_steps, tokens_per_step(run))
+        primed = backend.primes_optimizer and run.workload.warmup_steps > 0
+        if primed:
+            loop.prime_optimizer()
+        return loop.run(warmup, run.workload.measured_steps, tokens_per_step(run), primed=primed)
 
 
 def _failure(backend: Backend, error: BaseException, progress: Progress) -> Status:
@@ -170,6 +173,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
            "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
            "adapted_layers": len(the_plan.adapted),
            "warmup_steps_run": backend.warmup_steps(run.workload.warmup_steps),
+           "optimizer_primed": backend.primes_optimizer and run.workload.warmup_steps > 0,
            "wall_time_s": round(time.perf_counter() - started, 3)}
     config = recorded_config(run, backend.name)
     return Result(run_id(config, backend_label(run, backend.name)), config, status, dataclasses.asdict(metrics), env)

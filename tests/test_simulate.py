@@ -6,9 +6,9 @@ The one stated difference: simulate adds the modelled GPU's cuBLAS workspaces
 (``runtime_overhead_bytes``) to the live bytes from the first step on, which
 real CPU execution does not have.
 
-The cpu runs use two warm-up steps and simulate runs one (it caps warm-up:
-see SimulateBackend.warmup_steps), so equality here also proves that extra
-warm-up changes nothing in simulation.
+The cpu runs take two real warm-up steps; simulate replaces warm-up with one
+optimizer step on zero gradients (SimulateBackend.primes_optimizer). Equality
+here is what shows that shortcut reaches the same steady state.
 """
 
 from __future__ import annotations

@@ -52,8 +52,12 @@ class Backend(ABC):
         yield
 
     def warmup_steps(self, requested: int) -> int:
-        """How many warm-up steps to actually run for ``requested``."""
+        """How many full warm-up steps to run for ``requested``; 0 with priming means "prime instead"."""
         return requested
+
+    #: Whether the optimizer state may be allocated by one ``optimizer.step()`` on zero
+    #: gradients instead of by full warm-up steps (see MeasuredLoop.prime_optimizer).
+    primes_optimizer: bool = False
 
     def host_resident(self, tensors: list[torch.Tensor]) -> None:
         """Mark tensors that CUDA keeps in host memory (AdamW step counters), so they are not counted."""
