@@ -171,6 +171,7 @@ class MeasuredLoop:
         recorded ``optimizer_state`` figures are the same.
         """
         self.progress.step_label = "optimizer priming"
+        self.backend.before_first_step()
         self._enter("optimizer_step")
         for param in self.trainable:
             param.grad = torch.zeros_like(param)
@@ -185,7 +186,8 @@ class MeasuredLoop:
         Args:
             primed: :meth:`prime_optimizer` already allocated the optimizer state.
         """
-        self.backend.before_first_step()
+        if not primed:
+            self.backend.before_first_step()
         for index in range(warmup_steps):
             self.progress.step_label = f"warm-up step {index + 1}/{warmup_steps}"
             self.step(first=index == 0 and not primed, measured=False, peaks={}, reserved=[])
