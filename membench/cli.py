@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
 
-log = logging.getLogger("membench")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()

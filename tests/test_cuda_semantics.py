@@ -98,13 +98,13 @@ def test_math_mirror_refuses_mask_and_causal_together():
 def test_fused_savings_gradients_match_torch(needs_grad):
     query, key, value = qkv(requires_grad=False)
     bias = torch.randn(1, H, L, L)
-    inputs = [t.clone().requires_grad_(flag) for t, flag in zip((query, key, value, bias), needs_grad)]
+    inputs = [t.clone().requires_grad_(flag) for t, flag in zip((query, key, value, bias), needs_grad, strict=True)]
     wanted = [t for t in inputs if t.requires_grad]
     reference = F.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3], scale=0.3)
     expected = torch.autograd.grad(reference.sum(), wanted)
     output = _FusedAttentionSavings.apply(*inputs, False, 0.3)
     torch.testing.assert_close(output, reference)
-    for got, want in zip(torch.autograd.grad(output.sum(), wanted), expected):
+    for got, want in zip(torch.autograd.grad(output.sum(), wanted), expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -116,7 +116,7 @@ def test_fused_savings_keep_no_probabilities_and_make_no_temporaries():
     with tracker, counter.counting():
         before = tracker.allocated
         tracker.reset_peak()
-        output = _FusedAttentionSavings.apply(query, key, value, bias, False, None)
+        _FusedAttentionSavings.apply(query, key, value, bias, False, None)
         forward_peak = tracker.peak - before
     output_bytes, logsumexp_bytes = B * H * L * D * 4, B * H * L * 4
     assert counter.total_bytes == 3 * (B * H * L * D * 4) + H * L * L * 4 + output_bytes + logsumexp_bytes
