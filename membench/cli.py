@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,9 @@ from membench.errors import ConfigError
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
+# PEFT reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps;
+# the warning is about their interplay, not about anything a membench user can change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
