@@ -205,7 +205,7 @@ class BackendConfig:
             masks, fused attention). Off shows raw CPU behaviour instead.
         fake_device: For ``simulate``: fake ``cuda`` tensors (CUDA's own code
             paths; needs a CUDA build of torch), fake ``cpu`` tensors with
-            ``cuda_semantics``, or ``auto`` (cuda when torch has CUDA built in).
+            ``cuda_semantics``, or ``auto`` (cuda when a GPU is visible).
     """
 
     name: str = "auto"

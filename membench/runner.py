@@ -121,17 +121,22 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
     return model, batch
 
 
+def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
+    """(full warm-up steps to run, whether to prime the optimizer state instead)."""
+    primed = backend.primes_optimizer and run.workload.warmup_steps > 0
+    return (0 if backend.primes_optimizer else run.workload.warmup_steps), primed
+
+
 def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
     model, batch = build(the_plan, backend)
     with backend.session([*model.parameters(), *model.buffers(), *batch.values()]):
         optimizer = build_optimizer(model, run.method, run.train)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
-        warmup = backend.warmup_steps(run.workload.warmup_steps)
-        primed = backend.primes_optimizer and run.workload.warmup_steps > 0
+        warmup_steps, primed = warmup(run, backend)
         if primed:
             loop.prime_optimizer()
-        return loop.run(warmup, run.workload.measured_steps, tokens_per_step(run), primed=primed)
+        return loop.run(warmup_steps, run.workload.measured_steps, tokens_per_step(run), primed=primed)
 
 
 def _failure(backend: Backend, error: BaseException, progress: Progress) -> Status:
@@ -167,13 +172,13 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     finally:
         backend.cleanup()  # the model died with _measure's frame; give its memory back
     described = backend.describe()
+    warmup_steps, primed = warmup(run, backend)
     metrics.runtime_overhead_bytes = described.get("runtime_overhead_bytes", 0)
     env = {"backend": backend.name, **described, **provenance(),
            # What the defaults resolved to, so a row stays exact if the family defaults change.
            "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
            "adapted_layers": len(the_plan.adapted),
-           "warmup_steps_run": backend.warmup_steps(run.workload.warmup_steps),
-           "optimizer_primed": backend.primes_optimizer and run.workload.warmup_steps > 0,
+           "warmup_steps_run": warmup_steps, "optimizer_primed": primed,
            "wall_time_s": round(time.perf_counter() - started, 3)}
     config = recorded_config(run, backend.name)
     return Result(run_id(config, backend_label(run, backend.name)), config, status, dataclasses.asdict(metrics), env)

@@ -51,12 +51,8 @@ class Backend(ABC):
         """
         yield
 
-    def warmup_steps(self, requested: int) -> int:
-        """How many full warm-up steps to run for ``requested``; 0 with priming means "prime instead"."""
-        return requested
-
-    #: Whether the optimizer state may be allocated by one ``optimizer.step()`` on zero
-    #: gradients instead of by full warm-up steps (see MeasuredLoop.prime_optimizer).
+    #: Whether one ``optimizer.step()`` on zero gradients may replace the warm-up steps
+    #: (see MeasuredLoop.prime_optimizer).
     primes_optimizer: bool = False
 
     def host_resident(self, tensors: list[torch.Tensor]) -> None:

@@ -58,11 +58,8 @@ def _unpacked_sequences() -> Iterator[None]:
     real execution skips, which changes the attention path. membench's batches
     are never packed (see membench.workload), so the real answer is "none".
     """
-    try:
-        from transformers import masking_utils
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        yield
-        return
+    from transformers import masking_utils
+
     original = getattr(masking_utils, "find_packed_sequence_indices", None)
     if original is None:
         yield
@@ -112,9 +109,6 @@ class SimulateBackend(TrackedBackend):
     # without a forward and backward (~3 s for LLaMA-7B here). tests/test_simulate.py proves
     # the measured step equals the cpu backend's after real warm-up steps.
     primes_optimizer = True
-
-    def warmup_steps(self, requested: int) -> int:
-        return 0
 
     def before_first_step(self) -> None:
         self.tracker.add_constant(self.profile.runtime_overhead_bytes)

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from membench.allocator import allocator_bytes, storage_key
 
+
 class AllocationTracker(TorchDispatchMode):
     """Tracks live bytes and their peak, in integer bytes.
 
@@ -56,10 +57,11 @@ class AllocationTracker(TorchDispatchMode):
 
     def forget(self, tensor: torch.Tensor) -> None:
         """Stop counting ``tensor``'s storage now: it lives off the device being modelled."""
-        size = self._live.pop(storage_key(tensor), None)
+        key = storage_key(tensor)
+        size = self._live.pop(key, None)
         if size is not None:
             self.allocated -= size
-            self._forgotten.add(storage_key(tensor))
+            self._forgotten.add(key)
 
     def add_constant(self, nbytes: int) -> None:
         """Hold ``nbytes`` that no tensor owns (e.g. cuBLAS workspaces) for the rest of the run."""
