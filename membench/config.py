@@ -221,7 +221,13 @@ class BackendConfig:
 
 @dataclass
 class RunConfig:
-    """One measured configuration: model x method x workload x numerics x backend."""
+    """One measured configuration: model x method x workload x numerics x backend.
+
+    Attributes:
+        results_dir: Where result files go (not part of the run's identity).
+        force: Re-measure even if ``results_dir`` already holds an ok or oom
+            result for this exact configuration (not part of its identity).
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -229,6 +235,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     results_dir: str = "results/runs"
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.model.task != "seq2seq_lm" and self.workload.target_len is not None:

@@ -74,6 +74,7 @@ def recorded_config(run: RunConfig, backend_name: str) -> dict:
     """The config as stored in the result: resolved backend, no output-only fields."""
     config = dataclasses.asdict(run)
     config.pop("results_dir")
+    config.pop("force")
     backend = config["backend"]
     backend["name"] = backend_name
     # Keep only the knobs that affect this backend, so they alone decide the run id.
