@@ -8,17 +8,24 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
 
+from typing import Optional
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
+from membench.sweep import position
 
+EXPERIMENT = re.compile(r"^experiment=")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
@@ -40,28 +47,68 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(str(error)) from error
 
 
-def run_one(cfg: DictConfig) -> None:
+def job_number() -> Optional[int]:
+    """This job's index in a multirun (from 0), or None for a single run."""
+    hydra_config = HydraConfig.get()
+    return hydra_config.job.num if hydra_config.mode == RunMode.MULTIRUN else None
+
+
+def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
+    """Measure one config unless its result exists.
+
+    Returns:
+        (state, line): ``ok``/``oom``/``error``/``skipped`` and the progress line printed for it.
+    """
     from membench.results import write_result
     from membench.runner import measure
-    from membench.summary import summarize
+    from membench.summary import describe_config, headline, summarize
+    from membench.sweep import existing_result, position
 
     run = to_run_config(cfg)
+    if not run.force and (done := existing_result(run)) is not None:
+        line = (f"{position(number)}{describe_config(done.config)} → already measured ({done.status.state}), "
+                f"skipped; force=true re-measures")
+        print(line, flush=True)
+        return "skipped", line
     result = measure(run)
     path = write_result(result, run.results_dir)
-    print(summarize(result), flush=True)
-    print(f"  result: {path}", flush=True)
+    line = f"{position(number)}{headline(result)}"
+    if number is None:
+        print(summarize(result), flush=True)
+        print(f"  result: {path}", flush=True)
+    else:
+        print(line, flush=True)
+    return result.status.state, line
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> tuple[str, str]:
+    """One Hydra job: one configuration."""
+    number = job_number()
     try:
-        run_one(cfg)
+        return run_one(cfg, number)
     except ConfigError as error:
+        if number is not None:  # the sweeper validated configs; this one failed on the model's shape
+            overrides = " ".join(HydraConfig.get().overrides.task)
+            line = f"{position(number)}{overrides} → invalid: {error}"
+            print(line, flush=True)
+            return "invalid", line
         print(f"membench: error: {error}", file=sys.stderr)
         sys.exit(2)
     except BusyDeviceError as error:
         print(f"membench: refusing to measure: {error}", file=sys.stderr)
         sys.exit(3)
+
+
+def main() -> None:
+    """The ``membench`` command.
+
+    ``experiment=NAME`` is shorthand for Hydra's ``experiment@_global_=NAME``: experiment files
+    set keys anywhere in the config (the sweep grids live under ``hydra.sweeper``), and their first
+    line is kept for the command that runs them rather than a ``# @package _global_`` header.
+    """
+    sys.argv = [EXPERIMENT.sub("experiment@_global_=", arg) for arg in sys.argv]
+    task()
 
 
 if __name__ == "__main__":

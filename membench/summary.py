@@ -31,6 +31,18 @@ def describe_config(config: dict) -> str:
     return " ".join(parts)
 
 
+def headline(result: Result) -> str:
+    """The sweep's one line per job, e.g. ``llama-7b lora_fa r=64 bs=16 seq=512 bf16 → peak 48.55 GiB``."""
+    peak = result.metrics.get("peak_allocated_bytes")
+    unit, size = display_unit(peak)
+    state = result.status.state
+    if state == "error":
+        message = (result.status.message or "").splitlines()[0] if result.status.message else ""
+        return f"{describe_config(result.config)} → ERROR in {result.status.phase}: {message}"
+    figure = f"peak {amount(peak, size)} {unit}"
+    return f"{describe_config(result.config)} → {'OOM, ' if state == 'oom' else ''}{figure}"
+
+
 def summarize(result: Result) -> str:
     """E.g. ``llama-7b lora_fa r=64 bs=16 seq=512 bf16 [simulate: NVIDIA H100 80GB HBM3] peak 48.5 GiB ...``."""
     m = result.metrics

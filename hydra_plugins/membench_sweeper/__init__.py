@@ -1,0 +1,1 @@
+"""membench's Hydra sweeper; Hydra discovers it in the ``hydra_plugins`` namespace."""

@@ -1,0 +1,167 @@
+"""``hydra/sweeper=membench``: Hydra's basic sweeper, plus what a memory sweep needs.
+
+* **Grids.** ``hydra.sweeper.grids`` is a list of grids; the sweep is their
+  union (each grid is a cartesian product, as in the basic sweeper). The paper
+  sweep needs this: each model has its own batch sizes and sequence length,
+  and full fine-tuning has no rank axis.
+* **Checks first.** Every job's config is composed and validated before the
+  first one runs, so a bad value in job 90 fails in a second, not an hour in.
+* **Skips.** A job whose result file already exists (``ok`` or ``oom``) is not
+  launched unless ``force=true``; an interrupted sweep, run again, resumes.
+* **Counts.** Each job prints ``[i/N]``; the sweep ends with a tally.
+* **One GPU, one run.** With ``submitit_local`` (``hydra/launcher=isolated``) jobs
+  are launched one at a time unless ``hydra.sweeper.max_batch_size`` says otherwise.
+
+Command-line overrides apply to every grid and win over the grid's own values.
+``method=full`` drops adapter-only keys (``method.rank``, ...) so a rank axis
+measures full fine-tuning once instead of failing.
+"""
+
+
+import copy
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from hydra.plugins.sweeper import Sweeper
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+TOTAL_ENV = "MEMBENCH_SWEEP_TOTAL"
+ADAPTER_ONLY = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
+
+
+@dataclass
+class MembenchSweeperConf:
+    _target_: str = "hydra_plugins.membench_sweeper.membench_sweeper.MembenchSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+    grids: List[Dict[str, Any]] = field(default_factory=list)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="membench", node=MembenchSweeperConf, provider="membench")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+class MembenchSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
+                 grids: Optional[List[Dict[str, Any]]] = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(grid) for grid in (grids or [])] or [{}]
+
+    def _expand(self, arguments: List[str]) -> List[List[str]]:
+        """Every job's override list: the union of the grids, command line last, duplicates dropped."""
+        parser = self._parser
+        jobs: dict[tuple, None] = {}
+        for grid in self.grids:
+            grid_overrides = [f"{key}={value}" for key, value in {**self.params, **grid}.items()]
+            parsed = parser.parse_overrides(grid_overrides + list(arguments))
+            for job in self.split_arguments(parsed, None)[0]:
+                jobs.setdefault(tuple(job), None)
+        return [list(job) for job in jobs]
+
+    def _task_config(self, overrides: List[str]) -> DictConfig:
+        """The job's config without ``hydra``, as the job will see it.
+
+        Composing from scratch costs ~0.1 s, too slow for hundreds of jobs, so the config composed
+        for a set of group choices (``model=...``, ``method=...``) is reused and the plain value
+        overrides are applied to a copy, as Hydra itself applies them after composing.
+        """
+        parsed = self._parser.parse_overrides(overrides)
+        repository = self.hydra_context.config_loader.repository
+        groups = tuple(o.input_line for o in parsed if repository.group_exists(o.key_or_group))
+        if groups not in self._composed:
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(groups))
+            with read_write(config), open_dict(config):
+                del config["hydra"]
+            self._composed[groups] = config
+        config = copy.deepcopy(self._composed[groups])
+        values = [o for o in parsed if o.input_line not in groups and not o.is_hydra_override()]
+        ConfigLoaderImpl._apply_overrides_to_config(values, config)
+        return config
+
+    def _triage(self, jobs: List[List[str]]) -> "tuple[List[List[str]], Counter]":
+        """Validate every job, drop adapter keys for full fine-tuning, skip finished runs."""
+        from membench.cli import to_run_config
+        from membench.errors import ConfigError
+        from membench.sweep import existing_result
+
+        todo: dict[tuple, None] = {}
+        tally: Counter = Counter()
+        for number, overrides in enumerate(jobs, 1):
+            config = self._task_config(overrides)
+            if config.method.kind == "full":
+                kept = [o for o in overrides if _key(o) not in ADAPTER_ONLY]
+                if kept != overrides:
+                    overrides, config = kept, self._task_config(kept)
+            try:
+                run = to_run_config(config)
+            except ConfigError as error:  # before anything ran: the CLI's exit code for bad input
+                print(f"membench: error: job {number} of {len(jobs)} ({' '.join(overrides)}): {error}",
+                      file=sys.stderr)
+                sys.exit(2)
+            if tuple(overrides) in todo:
+                continue
+            if not run.force and existing_result(run) is not None:
+                tally["skipped"] += 1
+                continue
+            todo[tuple(overrides)] = None
+        return [list(job) for job in todo], tally
+
+    def _local_processes(self) -> bool:
+        """submitit_local starts every job of a batch at once; on one GPU they would measure each other."""
+        return str(self.config.hydra.launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher")
+
+    def sweep(self, arguments: List[str]) -> Any:
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        self._parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self._composed: dict[tuple, DictConfig] = {}
+        jobs, tally = self._triage(self._expand(arguments))
+        results_dir = self.config.get("results_dir")
+        print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
+              f"measured in {results_dir} (skipped; force=true re-measures), {len(jobs)} to run", flush=True)
+        if not jobs:
+            return []
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / "multirun.yaml")
+        total = f"++hydra.job.env_set.{TOTAL_ENV}={len(jobs)}"
+        size = self.max_batch_size or (1 if self._local_processes() else len(jobs))
+        in_process = str(self.config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher")
+        returns: List[Sequence[JobReturn]] = []
+        failed: List[JobReturn] = []
+        for start in range(0, len(jobs), size):
+            batch = [[*job, total] for job in jobs[start:start + size]]
+            results = self.launcher.launch(batch, initial_job_idx=start)
+            for result in results:
+                if result.status == JobStatus.FAILED:
+                    failed.append(result)
+                    continue
+                state, line = result.return_value
+                tally[state] += 1
+                if not in_process:  # the job printed its line into a log file; repeat it here
+                    print(line, flush=True)
+            returns.append(results)
+        counts = ", ".join(f"{count} {state}" for state, count in sorted(tally.items()))
+        print(f"membench sweep: done ({counts}); results in {results_dir}; tables and figures: membench-report "
+              f"{results_dir}", flush=True)
+        if failed:
+            first = failed[0]
+            raise HydraException(f"{len(failed)} job(s) crashed; the first ({' '.join(first.overrides or [])}): "
+                                 f"{first._return_value!r}")
+        return returns
+
+
+__all__ = ["MembenchSweeper", "MembenchSweeperConf", "Sweeper"]
