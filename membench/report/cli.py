@@ -1,0 +1,122 @@
+"""``membench-report``: result files → CSV, markdown and LaTeX tables, figures and the verdict.
+
+    membench-report results/paper                 # writes results/paper/report/
+    membench-report results/runs results/cuda --out my-report
+
+Corrupt or foreign JSON files are named on stderr and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from membench.report import figures, tables, verdict
+from membench.report.load import load_results
+from membench.report.render import latex, markdown
+
+RIGHT = ("full (GiB)", "LoRA (GiB)", "LoRA-FA (GiB)", "LoRA+recompute (GiB)", "LoRA-FA+recompute (GiB)", "r",
+         "LoRA/LoRA-FA", "activations LoRA/LoRA-FA", "full/LoRA-FA", "recompute time", "peak", "weights",
+         "gradients", "optimizer", "activations", "saved for backward", "step (ms)", "full", "LoRA", "LoRA-FA",
+         "LoRA+recompute", "LoRA/LoRA-FA peak", "LoRA/LoRA-FA activations", "activation share (LoRA)")
+
+
+def default_output(paths: list[Path]) -> Path:
+    first = paths[0]
+    if first.is_file():
+        return first.parent / "report"
+    return (first.parent if first.name == "runs" else first) / "report"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic: a report interrupted mid-write leaves the old file or the new one."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def verdict_markdown(frame: pd.DataFrame) -> str:
+    parts = [f"# Verdict on LoRA-FA's \"up to {verdict.CLAIM}×\" claim\n", verdict.headline(frame) + "\n"]
+    share = verdict.share_effect(frame)
+    if share:
+        parts += ["## The share of activations decides the ratio\n",
+                  "LoRA-FA only shrinks activations, so LoRA/LoRA-FA = (W + A_LoRA) / (W + A_LoRA-FA), where W is "
+                  "weights, gradients and optimizer state: it nears the activation ratio only when activations "
+                  "dominate.\n", share + "\n"]
+    knobs = verdict.knob_effects(frame)
+    if not knobs.empty:
+        parts += ["## Runs that differ in one knob\n", markdown(knobs)]
+    table = verdict.verdict_table(frame)
+    if not table.empty:
+        parts += ["## Every configuration\n", markdown(table, RIGHT)]
+    return "\n".join(parts)
+
+
+def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
+    """Write the whole report for the results under ``paths`` into ``out``; returns (files, skipped)."""
+    frame, skipped = load_results(*paths, warn=False)
+    if frame.empty:
+        raise SystemExit(f"membench-report: no readable results under {', '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    csv = out / "runs.csv"
+    with tempfile.NamedTemporaryFile("w", dir=out, prefix=".tmp-", delete=False) as handle:
+        frame.to_csv(handle, index=False)
+    os.replace(handle.name, csv)
+    written.append(csv)
+
+    named = {"headline": (tables.headline_table(frame), "Peak memory per method at each model's largest batch"),
+             "comparison": (tables.comparison_table(frame), "Peak memory per method and the ratios between them"),
+             "breakdown": (tables.breakdown_table(frame), "Every run: peak and its breakdown (GiB)"),
+             "verdict": (verdict.verdict_table(frame), f"LoRA/LoRA-FA ratio against the {verdict.CLAIM}x claim")}
+    for name, (table, caption) in named.items():
+        if table.empty:
+            continue
+        for suffix, text in (("md", markdown(table, RIGHT)), ("tex", latex(table, caption, f"tab:{name}", RIGHT))):
+            path = out / f"{name}.{suffix}"
+            if name == "verdict" and suffix == "md":
+                text = verdict_markdown(frame)
+            write_text(path, text)
+            written.append(path)
+    written += figures.save_all(frame, out / "figures")
+
+    index = ["# membench report\n", f"{len(frame)} runs from {', '.join(map(str, paths))} "
+             f"({', '.join(f'{n} {s}' for s, n in frame['status'].value_counts().items())}).\n",
+             verdict.headline(frame) + "\n"]
+    headline = named["headline"][0]
+    if not headline.empty:
+        index += ["## Headline\n", markdown(headline, RIGHT)]
+    index += ["## Figures\n"] + [f"![{name}](figures/{name}.png)\n" for name in figures.FIGURES]
+    index += ["## Files\n", "- `runs.csv`: every run, one row each (bytes as integers)",
+              "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
+              "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
+              "- `figures/*.png|pdf`\n"]
+    write_text(out / "README.md", "\n".join(index))
+    written.append(out / "README.md")
+    return written, skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="membench-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", default=["results/runs"], type=Path,
+                        help="result files or folders (default: results/runs)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/report)")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    out = args.out or default_output(args.paths)
+    written, skipped = build_report(args.paths, out)
+    for item in skipped:
+        print(f"membench-report: skipped {item.reason}", file=sys.stderr)
+    print(f"membench-report: {len(written)} files in {out}; start with {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
