@@ -100,6 +100,7 @@ class MembenchSweeper(BasicSweeper):
         from membench.sweep import existing_result
 
         todo: dict[tuple, None] = {}
+        seen: set[tuple] = set()
         tally: Counter = Counter()
         for number, overrides in enumerate(jobs, 1):
             config = self._task_config(overrides)
@@ -113,8 +114,9 @@ class MembenchSweeper(BasicSweeper):
                 print(f"membench: error: job {number} of {len(jobs)} ({' '.join(overrides)}): {error}",
                       file=sys.stderr)
                 sys.exit(2)
-            if tuple(overrides) in todo:
+            if tuple(overrides) in seen:
                 continue
+            seen.add(tuple(overrides))
             if not run.force and existing_result(run) is not None:
                 tally["skipped"] += 1
                 continue

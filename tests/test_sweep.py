@@ -1,0 +1,118 @@
+"""Sweeps as a user runs them: ``membench -m ...`` over tiny models, in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from membench.results import read_result
+from membench.runner import measure
+from tests.conftest import tiny
+from tests.test_cli import MEMBENCH, membench
+
+TINY = ["workload.batch_size=2", "workload.seq_len=16", "backend.name=simulate"]
+
+
+def results(directory: Path) -> dict[str, float]:
+    """Result file name → modification time."""
+    return {p.name: p.stat().st_mtime for p in (directory / "results" / "runs").glob("*.json")}
+
+
+def test_multirun_writes_one_result_per_configuration_then_resumes(tmp_path):
+    sweep = ["-m", "model=tiny-llama,tiny-roberta", "method=full,lora,lora_fa", "method.rank=4,8", *TINY]
+    first = membench(*sweep, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    # full has no rank: measured once per model, not once per rank
+    assert "10 configurations; 0 already measured" in first.stdout
+    assert "[1/10] tiny-llama full bs=2 seq=16 fp32 → peak" in first.stdout
+    assert "[10/10] tiny-roberta lora_fa r=8 bs=2 seq=16 fp32 → peak" in first.stdout
+    done = results(tmp_path)
+    assert len(done) == 10
+    assert all(read_result(tmp_path / "results" / "runs" / name).status.state == "ok" for name in done)
+
+    again = membench(*sweep, "method.rank=4,8,16", cwd=tmp_path)  # one more rank: 4 new runs
+    assert again.returncode == 0, again.stderr
+    assert "14 configurations; 10 already measured" in again.stdout and "4 to run" in again.stdout
+    after = results(tmp_path)
+    assert len(after) == 14
+    assert all(after[name] == mtime for name, mtime in done.items())  # finished files untouched
+
+
+def test_force_remeasures(tmp_path):
+    args = ["-m", "model=tiny-llama", "method=lora_fa", *TINY]
+    assert membench(*args, cwd=tmp_path).returncode == 0
+    before = results(tmp_path)
+    time.sleep(0.01)
+    forced = membench(*args, "force=true", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert "1 configurations; 0 already measured" in forced.stdout
+    assert results(tmp_path).keys() == before.keys()
+    assert all(results(tmp_path)[name] > mtime for name, mtime in before.items())
+
+
+def test_a_single_run_also_skips_an_existing_result(tmp_path):
+    args = ["model=tiny-llama", "method=lora_fa", *TINY]
+    assert membench(*args, cwd=tmp_path).returncode == 0
+    again = membench(*args, cwd=tmp_path)
+    assert again.returncode == 0
+    assert "already measured (ok), skipped; force=true re-measures" in again.stdout
+
+
+def test_an_invalid_job_stops_the_sweep_before_anything_runs(tmp_path):
+    done = membench("-m", "model=tiny-llama", "method=lora", "method.rank=4,0", *TINY, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "job 2 of 2" in done.stderr and "method.rank=0 must be a positive integer" in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_interrupted_sweep_loses_nothing_and_resumes(tmp_path):
+    sweep = ["-m", "model=tiny-llama", "method=lora,lora_fa", "method.rank=1,2,3,4,5,6", *TINY]
+    process = subprocess.Popen([MEMBENCH, *sweep], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "HYDRA_FULL_ERROR": "0"}, start_new_session=True)
+    runs = tmp_path / "results" / "runs"
+    deadline = time.monotonic() + 240
+    while len(list(runs.glob("*.json"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # no chance to clean up: what is on disk is what a crash leaves
+    process.communicate()
+    finished = sorted(runs.glob("*.json"))
+    assert 3 <= len(finished) < 12, "the sweep was not interrupted mid-way"
+    for path in finished:
+        assert json.loads(path.read_text())["status"]["state"] == "ok"  # complete files only
+    resumed = membench(*sweep, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"12 configurations; {len(finished)} already measured" in resumed.stdout
+    assert len(list(runs.glob("*.json"))) == 12
+
+
+METRICS = ("weight_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes",
+           "peak_allocated_bytes", "phase_peak_bytes", "phase_allocated_bytes")
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+def test_in_process_runs_give_the_same_bytes_in_any_order(backend):
+    configs = [tiny("tiny-llama", "full", backend=backend), tiny("tiny-t5", "lora", backend=backend),
+               tiny("tiny-roberta", "lora_fa_recompute", "method.lora_dropout=0.1", backend=backend),
+               tiny("tiny-llama", "lora_fa", "train.precision=bf16", backend=backend)]
+
+    def sweep(order):
+        return {i: {k: measure(configs[i]).metrics[k] for k in METRICS} for i in order}
+
+    forward = sweep([0, 1, 2, 3])
+    backward = sweep([3, 2, 1, 0])
+    assert forward == backward
+
+
+def test_isolated_launcher_runs_each_configuration_in_its_own_process(tmp_path):
+    done = membench("-m", "hydra/launcher=isolated", "model=tiny-llama", "method=lora,lora_fa", *TINY, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "[1/2] tiny-llama lora r=8" in done.stdout and "[2/2] tiny-llama lora_fa r=8" in done.stdout
+    logs = list((tmp_path / "multirun").rglob("*_log.out"))
+    assert len(logs) == 2  # one submitit job (process) per configuration
+    assert len(results(tmp_path)) == 2
