@@ -20,10 +20,11 @@ from membench.report import figures, tables, verdict
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
-RIGHT = ("full (GiB)", "LoRA (GiB)", "LoRA-FA (GiB)", "LoRA+recompute (GiB)", "LoRA-FA+recompute (GiB)", "r",
-         "LoRA/LoRA-FA", "activations LoRA/LoRA-FA", "full/LoRA-FA", "recompute time", "peak", "weights",
-         "gradients", "optimizer", "activations", "saved for backward", "step (ms)", "full", "LoRA", "LoRA-FA",
-         "LoRA+recompute", "LoRA/LoRA-FA peak", "LoRA/LoRA-FA activations", "activation share (LoRA)")
+RIGHT = tuple(f"{label} ({u})" for label in ("full", "LoRA", "LoRA-FA", "LoRA+recompute", "LoRA-FA+recompute",
+                                              "full+recompute", "peak") for u in ("GiB", "MiB")) + (
+    "r", "LoRA/LoRA-FA", "activations LoRA/LoRA-FA", "full/LoRA-FA", "recompute time", "weights", "gradients",
+    "optimizer", "activations", "saved for backward", "step (ms)", "LoRA/LoRA-FA peak", "LoRA/LoRA-FA activations",
+    "activation share (LoRA)")
 
 
 def default_output(paths: list[Path]) -> Path:

@@ -77,6 +77,12 @@ def _ratio(table: pd.DataFrame, numerator: str, denominator: str) -> pd.Series:
     return table[numerator].astype("Float64") / table[denominator].astype("Float64")
 
 
-def gib(value) -> str:
-    """Display only: bytes as GiB with two decimals, '—' when missing."""
-    return "—" if value is None or pd.isna(value) else f"{value / GIB:.2f}"
+def unit(frame: pd.DataFrame) -> tuple[str, int]:
+    """Display unit for a table: GiB, or MiB when every peak is below 1 GiB (tiny models)."""
+    peaks = frame["peak_allocated_bytes"].dropna() if "peak_allocated_bytes" in frame else pd.Series(dtype=float)
+    return ("MiB", 1 << 20) if len(peaks) and peaks.max() < GIB else ("GiB", GIB)
+
+
+def gib(value, size: int = GIB) -> str:
+    """Display only: bytes in ``size`` units (GiB unless told) with two decimals, '—' when missing."""
+    return "—" if value is None or pd.isna(value) else f"{value / size:.2f}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from membench.report.compare import GIB, gib, side_by_side
+from membench.report.compare import GIB, gib, side_by_side, unit
 
 METHOD_LABELS = {"full": "full", "lora": "LoRA", "lora_fa": "LoRA-FA", "lora_recompute": "LoRA+recompute",
                  "lora_fa_recompute": "LoRA-FA+recompute", "full_recompute": "full+recompute"}
@@ -28,11 +28,11 @@ def setting_label(row) -> str:
     return " ".join(parts)
 
 
-def _peak(row, method: str) -> str:
+def _peak(row, method: str, size: int = GIB) -> str:
     value = row.get(f"peak_{method}")
     if value is None or pd.isna(value):
         return "—"
-    return gib(value) + (" OOM" if row.get(f"status_{method}") == "oom" else "")
+    return gib(value, size) + (" OOM" if row.get(f"status_{method}") == "oom" else "")
 
 
 def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -41,12 +41,13 @@ def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return pd.DataFrame()
     methods = [m for m in METHOD_LABELS if f"peak_{m}" in table]
+    name, size = unit(frame)
     rows = []
     for _, row in table.iterrows():
         rows.append({
             "model": row["model"], "setting": setting_label(row),
             "r": "—" if pd.isna(row["rank"]) else str(row["rank"]),
-            **{f"{METHOD_LABELS[m]} (GiB)": _peak(row, m) for m in methods},
+            **{f"{METHOD_LABELS[m]} ({name})": _peak(row, m, size) for m in methods},
             "LoRA/LoRA-FA": ratio(row["lora_over_lora_fa"], bool(row["oom_in_ratio"])),
             "activations LoRA/LoRA-FA": ratio(row["act_lora_over_lora_fa"]),
             "full/LoRA-FA": ratio(row["full_over_lora_fa"]),
@@ -58,15 +59,17 @@ def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def breakdown_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Every run: peak and where it goes (weights, gradients, optimizer state, activations, saved tensors)."""
+    name, size = unit(frame)
     rows = []
     for _, run in frame.iterrows():
         rows.append({
             "model": run["model"], "method": METHOD_LABELS.get(run["method"], run["method"]),
             "r": "—" if pd.isna(run["rank"]) else str(run["rank"]), "setting": setting_label(run),
-            "status": run["status"], "peak": gib(run.get("peak_allocated_bytes")),
-            "weights": gib(run.get("weight_bytes")), "gradients": gib(run.get("gradient_bytes")),
-            "optimizer": gib(run.get("optimizer_state_bytes")), "activations": gib(run.get("activation_bytes")),
-            "saved for backward": gib(run.get("saved_tensor_bytes")),
+            "status": run["status"], f"peak ({name})": gib(run.get("peak_allocated_bytes"), size),
+            "weights": gib(run.get("weight_bytes"), size), "gradients": gib(run.get("gradient_bytes"), size),
+            "optimizer": gib(run.get("optimizer_state_bytes"), size),
+            "activations": gib(run.get("activation_bytes"), size),
+            "saved for backward": gib(run.get("saved_tensor_bytes"), size),
             "step (ms)": "—" if pd.isna(run.get("step_time_s")) else f"{run['step_time_s'] * 1000:.0f}",
         })
     return pd.DataFrame(rows)
@@ -91,11 +94,13 @@ def headline_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = headline_rows(frame)
+    name, size = unit(frame)
     out = []
     for _, row in rows.iterrows():
         out.append({"model": row["model"], "setting": setting_label(row) + f" r{row['rank']}",
-                    "full": _peak(row, "full"), "LoRA": _peak(row, "lora"), "LoRA-FA": _peak(row, "lora_fa"),
-                    "LoRA+recompute": _peak(row, "lora_recompute"),
+                    f"full ({name})": _peak(row, "full", size), f"LoRA ({name})": _peak(row, "lora", size),
+                    f"LoRA-FA ({name})": _peak(row, "lora_fa", size),
+                    f"LoRA+recompute ({name})": _peak(row, "lora_recompute", size),
                     "LoRA/LoRA-FA": ratio(row["lora_over_lora_fa"], bool(row["oom_in_ratio"])),
                     "full/LoRA-FA": ratio(row["full_over_lora_fa"])})
     return pd.DataFrame(out)

@@ -1,0 +1,111 @@
+"""membench-report on fixture results: every table and figure, skipped files, ratios checked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from membench.report import figures, verdict
+from membench.report.cli import build_report, main
+from membench.report.compare import side_by_side
+from membench.report.load import load_results
+from membench.results import write_result
+from membench.runner import measure
+from tests.conftest import tiny
+
+MODELS = ("tiny-llama", "tiny-roberta")
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory):
+    """A small sweep: 2 models x (full, LoRA, LoRA-FA, LoRA+recompute) x batch 2, 4 x rank 4, 8; one OOM, one error."""
+    runs = tmp_path_factory.mktemp("sweep") / "runs"
+    for model in MODELS:
+        for batch in (2, 4):
+            shape = (f"workload.batch_size={batch}",)
+            for method in ("full", "lora_recompute"):
+                extra = () if method == "full" else ("method.rank=8",)
+                write_result(measure(tiny(model, method, *shape, *extra, backend="simulate")), runs)
+            for method in ("lora", "lora_fa"):
+                for rank in (4, 8):
+                    write_result(measure(tiny(model, method, *shape, f"method.rank={rank}", backend="simulate")), runs)
+    # An OOM and an error row, as a GPU sweep would record them.
+    source = json.loads(next(runs.glob("tiny-llama--lora--r8--bs4*.json")).read_text())
+    for state, message in (("oom", "CUDA out of memory. Tried to allocate 2.00 GiB"), ("error", "RuntimeError: boom")):
+        row = json.loads(json.dumps(source))
+        row["run_id"] = row["run_id"].replace("simulate", f"cuda-{state}")
+        row["env"]["backend"], row["env"]["device_name"] = "cuda", "NVIDIA H100 80GB HBM3"
+        row["status"] = {"state": state, "phase": "backward", "message": message}
+        (runs / f"{row['run_id']}.json").write_text(json.dumps(row))
+    return runs.parent
+
+
+def test_loads_every_result_with_integer_bytes(sweep_dir):
+    frame, skipped = load_results(sweep_dir)
+    assert len(frame) == 2 * (2 * 2 + 2 * 2 * 2) + 2 and not skipped
+    assert str(frame["peak_allocated_bytes"].dtype) == "Int64"
+    assert set(frame["status"]) == {"ok", "oom", "error"}
+    assert frame["git_sha"].notna().all() and frame["torch"].notna().all()  # provenance on every row
+
+
+def test_ratios_match_the_files(sweep_dir):
+    frame, _ = load_results(sweep_dir)
+    simulated = frame[frame["backend"] == "simulate"]
+    table = side_by_side(simulated)
+    assert len(table) == len(MODELS) * 2 * 2  # model x batch x rank
+    peak = {(r.model, r.method, r.batch_size, None if r.kind == "full" else r.rank): r.peak_allocated_bytes
+            for r in simulated.itertuples()}
+    for row in table.itertuples():
+        lora, lora_fa = peak[(row.model, "lora", row.batch_size, row.rank)], peak[(row.model, "lora_fa",
+                                                                                     row.batch_size, row.rank)]
+        assert row.lora_over_lora_fa == pytest.approx(lora / lora_fa)
+        assert row.full_over_lora_fa == pytest.approx(peak[(row.model, "full", row.batch_size, None)] / lora_fa)
+        assert lora > lora_fa  # LoRA-FA never needs more
+
+
+def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
+    written, skipped = build_report([sweep_dir], tmp_path / "report")
+    names = {p.relative_to(tmp_path / "report").as_posix() for p in written}
+    for table in ("headline", "comparison", "breakdown", "verdict"):
+        assert {f"{table}.md", f"{table}.tex"} <= names
+    for figure in figures.FIGURES:
+        assert {f"figures/{figure}.png", f"figures/{figure}.pdf"} <= names
+    assert all(p.stat().st_size > 0 for p in written)
+    csv = pd.read_csv(tmp_path / "report" / "runs.csv")
+    assert len(csv) == len(load_results(sweep_dir)[0])
+    comparison = (tmp_path / "report" / "comparison.md").read_text()
+    assert "tiny-llama" in comparison and "tiny-roberta" in comparison and "LoRA/LoRA-FA" in comparison
+    assert "\\begin{tabular}" in (tmp_path / "report" / "comparison.tex").read_text()
+    assert "LoRA's peak is at least 1.4×" in (tmp_path / "report" / "verdict.md").read_text()
+    breakdown = (tmp_path / "report" / "breakdown.md").read_text()
+    assert "| oom |" in breakdown and "| error |" in breakdown and "peak (MiB)" in breakdown
+
+
+def test_verdict_counts_the_claim_by_hand(sweep_dir):
+    frame, _ = load_results(sweep_dir)
+    pairs = verdict.pairs(frame)
+    expected = sum(row.lora_over_lora_fa >= 1.4 for row in pairs.itertuples())
+    assert f"in {expected} of {len(pairs)} configurations" in verdict.headline(frame)
+    assert len(verdict.verdict_table(frame)) == len(pairs)
+
+
+def test_corrupt_and_foreign_files_are_named_and_skipped(sweep_dir, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in sweep_dir.joinpath("runs").glob("tiny-llama--lora_fa*.json"):
+        (mixed / path.name).write_text(path.read_text())
+    (mixed / "truncated.json").write_text('{"schema_version": 1, "run_id": ')
+    (mixed / "foreign.json").write_text('{"accuracy": 0.91}')
+    main([str(mixed), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "truncated.json" in err and "foreign.json" in err
+    assert (tmp_path / "out" / "breakdown.md").exists()
+
+
+def test_missing_folder_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    assert "no such file or folder" in capsys.readouterr().err
