@@ -1,4 +1,4 @@
-"""The simulation predicts the H100's measured peaks (tests/data/h100_reference.csv) within 1%.
+"""The simulation predicts the H100's measured peaks (membench/data/h100_reference.csv) within 1%.
 
 These simulate full-size models (up to LLaMA-7B) on fake tensors: seconds
 each, no memory. They are the check that CI can run without a GPU.
@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import run_config
+import membench
 from membench.runner import measure
 
 GiB = 1 << 30
 TOLERANCE = 0.01
-REFERENCE = Path(__file__).parent / "data" / "h100_reference.csv"
+REFERENCE = Path(membench.__file__).parent / "data" / "h100_reference.csv"
 
 
 

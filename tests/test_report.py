@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from membench.report import figures, verdict
+from membench.report import figures, validate, verdict
 from membench.report.cli import build_report, main
 from membench.report.compare import side_by_side
 from membench.report.load import load_results
@@ -102,6 +102,30 @@ def test_corrupt_and_foreign_files_are_named_and_skipped(sweep_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert "truncated.json" in err and "foreign.json" in err
     assert (tmp_path / "out" / "breakdown.md").exists()
+
+
+def test_validation_table_from_fixture_results(tmp_path):
+    runs = tmp_path / "runs"
+    for backend in ("cpu", "simulate"):
+        write_result(measure(tiny("tiny-llama", "lora", backend=backend)), runs)
+    simulated = json.loads(next(runs.glob("*simulate*.json")).read_text())
+    gpu = json.loads(json.dumps(simulated))  # a GPU run that needed 1% more than predicted
+    gpu["run_id"] = simulated["run_id"].replace("simulate-h100-80gb", "cuda")
+    gpu["env"]["backend"] = "cuda"
+    gpu["metrics"]["peak_allocated_bytes"] = round(simulated["metrics"]["peak_allocated_bytes"] / 1.01)
+    (runs / f"{gpu['run_id']}.json").write_text(json.dumps(gpu))
+
+    frame, _ = load_results(runs)
+    pairs = validate.backend_pairs(frame).set_index("measured on")
+    on_cpu = pairs[pairs.index.str.startswith("cpu")].iloc[0]
+    on_gpu = pairs[pairs.index.str.startswith("cuda")].iloc[0]
+    assert on_cpu["peak error"] == 0 and on_cpu["activations error"] == 0  # simulate == real CPU execution
+    assert on_gpu["peak error"] == pytest.approx(0.01, abs=1e-6)
+    assert on_gpu["weights error"] == 0
+    build_report([runs], tmp_path / "report")
+    text = (tmp_path / "report" / "validation.md").read_text()
+    assert "Against cpu, 1 configurations: worst peak error +0.00%" in text
+    assert "Against cuda, 1 configurations: worst peak error +1.00%" in text
 
 
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from membench.report import figures, tables, verdict
+from membench.report import figures, tables, validate, verdict
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
@@ -58,6 +58,25 @@ def verdict_markdown(frame: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def write_validation(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """validation.md/.tex when the results hold measured/simulated pairs or reference configurations."""
+    pairs = validate.pairs_display(validate.backend_pairs(frame))
+    reference = validate.against_reference(frame)
+    if pairs.empty and reference.empty:
+        return []
+    text = ["# Simulation vs measurement\n", validate.summary(frame) + "\n"]
+    tex = []
+    if not pairs.empty:
+        text += ["## Same configuration, measured and simulated\n", markdown(pairs)]
+        tex.append(latex(pairs, "Simulated vs measured, per configuration", "tab:validation"))
+    if not reference.empty:
+        text += ["## Against the H100 reference measurements\n", markdown(reference)]
+        tex.append(latex(reference, "Simulated vs the H100 reference peaks", "tab:reference"))
+    write_text(out / "validation.md", "\n".join(text))
+    write_text(out / "validation.tex", "\n".join(tex))
+    return [out / "validation.md", out / "validation.tex"]
+
+
 def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
     """Write the whole report for the results under ``paths`` into ``out``; returns (files, skipped)."""
     frame, skipped = load_results(*paths, warn=False)
@@ -86,6 +105,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
             write_text(path, text)
             written.append(path)
     written += figures.save_all(frame, out / "figures")
+    written += write_validation(frame, out)
 
     index = ["# membench report\n", f"{len(frame)} runs from {', '.join(map(str, paths))} "
              f"({', '.join(f'{n} {s}' for s, n in frame['status'].value_counts().items())}).\n",
@@ -97,6 +117,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
     index += ["## Files\n", "- `runs.csv`: every run, one row each (bytes as integers)",
               "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
+              "- `validation.md|tex` (when there is something to compare): simulated vs measured",
               "- `figures/*.png|pdf`\n"]
     write_text(out / "README.md", "\n".join(index))
     written.append(out / "README.md")
