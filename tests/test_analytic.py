@@ -1,0 +1,184 @@
+"""The analytic activation model (membench.analytic) against measured saved-tensor bytes.
+
+Exact where the model can be counted by hand (a stack of linears, one transformer
+block on the cpu backend), within 5% (in practice exact) on simulated paper-sized runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from membench.analytic import ActivationEstimate, TERMS, estimate, estimate_config, linear_stack_saved_bytes
+from membench.runner import measure, recorded_config
+from membench.saved_tensors import SavedTensorCounter
+from tests.conftest import run_config, tiny
+
+# Keys missing from conf/model/tiny-*.yaml are added with Hydra's "+".
+NO_DROPOUT_ROBERTA = ["+model.hf_config.hidden_dropout_prob=0.0", "+model.hf_config.attention_probs_dropout_prob=0.0"]
+ONE_LAYER = {"tiny-roberta": ["model.hf_config.num_hidden_layers=1"], "tiny-llama": ["model.hf_config.num_hidden_layers=1"],
+             "tiny-t5": ["model.hf_config.num_layers=1", "model.hf_config.num_decoder_layers=1"]}
+
+
+# -- (1) a stack of linear layers ---------------------------------------------------------------------
+def _measured_linear_stack(widths, tokens, kind, rank, dtype, adapter_fp32):
+    torch.manual_seed(0)
+    layers = [nn.Linear(widths[i], widths[i + 1]) for i in range(len(widths) - 1)]
+    model = nn.Sequential(*layers).to(dtype)
+    if kind == "full":
+        model.requires_grad_(True)
+    else:
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[str(i) for i in range(len(layers))])
+        model = get_peft_model(model, config, autocast_adapter_dtype=adapter_fp32)
+        if not adapter_fp32:
+            for name, param in model.named_parameters():
+                if ".lora_" in name:
+                    param.data = param.data.to(dtype)
+        if kind == "lora_fa":
+            for name, param in model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
+    counter = SavedTensorCounter(list(model.parameters()))
+    x = torch.randn(tokens, widths[0], dtype=dtype)
+    with counter.counting():
+        model(x).float().sum().backward()
+    return counter.total_bytes
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "lora_fa"])
+@pytest.mark.parametrize("dtype,adapter_fp32", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_linear_stack_matches_saved_tensor_counter(kind, dtype, adapter_fp32):
+    widths, tokens, rank = [24, 40, 16, 56], 6, 4
+    itemsize = torch.finfo(dtype).bits // 8
+    adapter = 4 if adapter_fp32 else itemsize
+    predicted = linear_stack_saved_bytes(widths, tokens, kind, rank, itemsize, adapter)
+    assert predicted == _measured_linear_stack(widths, tokens, kind, rank, dtype, adapter_fp32)
+
+
+def test_linear_stack_closed_forms_by_hand():
+    # 3 layers 24 -> 40 -> 16 -> 56, 6 tokens, rank 4, fp32.
+    assert linear_stack_saved_bytes([24, 40, 16, 56], 6, "full") == 6 * (24 + 40 + 16) * 4
+    assert linear_stack_saved_bytes([24, 40, 16, 56], 6, "lora", 4) == 6 * (24 + 40 + 16 + 3 * 4) * 4
+    assert linear_stack_saved_bytes([24, 40, 16, 56], 6, "lora_fa", 4) == 3 * 6 * 4 * 4
+    # bf16 base, fp32 adapters: LoRA keeps fp32 copies of X, LoRA-FA only fp32 XA.
+    assert linear_stack_saved_bytes([24, 40, 16, 56], 6, "lora", 4, 2, 4) == 6 * (24 + 40 + 16 + 12) * 4
+
+
+# -- (2) one transformer block, exact against real execution on the cpu backend -------------------------
+BLOCK_CASES = [
+    ("tiny-llama", "full", []),
+    ("tiny-llama", "lora_fa", ["train.precision=bf16"]),
+    ("tiny-roberta", "lora", NO_DROPOUT_ROBERTA),
+    ("tiny-roberta", "lora_fa", NO_DROPOUT_ROBERTA + ["model.attn_implementation=eager"]),
+    ("tiny-t5", "lora_fa", ["+model.hf_config.dropout_rate=0.0"]),
+]
+
+
+@pytest.mark.parametrize("model,method,extra", BLOCK_CASES)
+def test_one_block_is_exact_on_cpu(model, method, extra):
+    run = tiny(model, method, *ONE_LAYER[model], *extra)
+    predicted = estimate(run)
+    metrics = measure(run).metrics
+    assert predicted.saved_bytes == metrics["saved_tensor_bytes"]
+    assert predicted.activation_bytes == metrics["activation_bytes"]
+
+
+def test_roberta_block_by_hand():
+    """Korthikanti-style count of one RoBERTa layer, full fine-tuning, eager, fp32, no dropout.
+
+    Per layer: X (n h), copies of q, k, v (3 n h), the context (n h), two LayerNorm
+    inputs (2 n h), the FFN input (n h), GELU input and output (2 n I), all x 4 bytes,
+    the softmax output (b a s^2 x 4), and 2 x 2 n LayerNorm statistics x 4.
+    """
+    b, s, h, a, ffn, labels = 2, 16, 64, 4, 128, 2
+    n = b * s
+    embeddings = 3 * n * 8 + n * h * 4 + 2 * n * 4  # ids, token-type ids, position ids; LayerNorm
+    layer = 8 * n * h * 4 + 2 * n * ffn * 4 + b * a * s * s * 4 + 4 * n * 4
+    head = n * h * 4 + b * h * 4 + b * labels * 4 + b * 8 + 4  # dense input (a view of the last state), tanh, loss
+    run = tiny("tiny-roberta", "full", *ONE_LAYER["tiny-roberta"], "model.attn_implementation=eager",
+               *NO_DROPOUT_ROBERTA, backend="simulate")
+    predicted = estimate(run)
+    assert predicted.saved_bytes == embeddings + layer + head
+    assert predicted.saved_bytes == measure(run).metrics["saved_tensor_bytes"]
+
+
+def test_terms_sum_and_adapter_terms_by_hand():
+    run = tiny("tiny-llama", "lora", "train.precision=bf16", backend="simulate")
+    result = estimate(run)
+    assert set(result.terms) == set(TERMS)
+    assert sum(result.terms.values()) == result.saved_bytes
+    n, r, layers = 2 * 16, 8, 2
+    in_widths = [64, 64, 64, 64, 64, 64, 128]  # q, k, v, o, gate, up, down
+    # fp32 adapters on a bf16 model: one fp32 copy of X per adapted layer, and fp32 XA.
+    assert result.terms["adapter_fp32_copies"] == layers * sum(n * k * 4 for k in in_widths)
+    assert result.terms["adapter_rank_intermediates"] == layers * len(in_widths) * n * r * 4
+    fa = estimate(tiny("tiny-llama", "lora_fa", "train.precision=bf16", backend="simulate"))
+    assert fa.terms["adapter_fp32_copies"] == fa.terms["adapter_inputs"] == 0
+    assert result.saved_bytes - fa.saved_bytes == result.terms["adapter_fp32_copies"]
+
+
+# -- (3) within 5% of the simulated figure on paper-shaped runs ------------------------------------------
+def _within_five_percent(run) -> None:
+    predicted = estimate(run)
+    metrics = measure(run).metrics
+    for ours, theirs in ((predicted.saved_bytes, metrics["saved_tensor_bytes"]),
+                         (predicted.activation_bytes, metrics["activation_bytes"])):
+        assert abs(ours - theirs) <= 0.05 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model=roberta-base", "method=lora_fa", "workload.batch_size=16"),
+    ("model=t5-small", "method=lora", "workload.seq_len=256", "workload.batch_size=8"),
+])
+def test_within_five_percent_of_simulation(overrides):
+    _within_five_percent(run_config(*overrides, "backend.name=simulate"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ("model=roberta-large", "method=full", "workload.batch_size=32", "model.attn_implementation=eager"),
+    ("model=t5-large", "method=lora_recompute", "workload.seq_len=256", "workload.batch_size=8"),
+    ("model=llama-7b", "method=lora", "train.precision=bf16", "workload.seq_len=512", "workload.batch_size=16",
+     "method.rank=64"),
+    ("model=llama-7b", "method=lora_fa", "train.precision=bf16", "workload.seq_len=512", "workload.batch_size=4",
+     "method.adapter_dtype=base"),
+])
+def test_within_five_percent_of_simulation_paper_sizes(overrides):
+    _within_five_percent(run_config(*overrides, "backend.name=simulate"))
+
+
+# -- API ---------------------------------------------------------------------------------------------------
+def test_estimate_config_reads_a_result_config():
+    run = tiny("tiny-t5", "lora_recompute", backend="simulate")
+    stored = recorded_config(run, "simulate")
+    stored["backend"].pop("fake_device")  # a result may lack backend keys
+    assert estimate_config(stored) == estimate(run)
+
+
+def test_lora_fa_minimum_is_below_what_lora_fa_saves():
+    for model in ("tiny-roberta", "tiny-t5", "tiny-llama"):
+        result = estimate(tiny(model, "lora_fa", backend="simulate"))
+        assert isinstance(result, ActivationEstimate)
+        assert 0 < result.lora_fa_minimum_bytes < result.saved_bytes
+    # A full run reports the same minimum as LoRA-FA at the default rank.
+    full = estimate(tiny("tiny-llama", "full", backend="simulate"))
+    assert full.lora_fa_minimum_bytes == estimate(tiny("tiny-llama", "lora_fa", backend="simulate")).lora_fa_minimum_bytes
+
+
+def test_recompute_keeps_only_checkpoint_inputs_inside_blocks():
+    result = estimate(tiny("tiny-llama", "lora_fa_recompute", backend="simulate"))
+    n, h, layers = 2 * 16, 64, 2
+    assert result.terms["checkpoint_inputs"] == layers * n * h * 4
+    for term in ("attention", "mlp", "adapter_rank_intermediates"):
+        assert result.terms[term] == 0
+
+
+def test_estimate_is_a_dataclass_of_integers():
+    result = estimate(tiny("tiny-roberta", "lora", backend="simulate"))
+    for value in dataclasses.astuple(result)[:2] + (result.lora_fa_minimum_bytes,):
+        assert isinstance(value, int)
+    assert all(isinstance(v, int) for v in result.terms.values())
