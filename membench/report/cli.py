@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from membench.report import figures, tables, validate, verdict
+from membench.report import closed_form, figures, tables, validate, verdict
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
@@ -77,6 +77,20 @@ def write_validation(frame: pd.DataFrame, out: Path) -> list[Path]:
     return [out / "validation.md", out / "validation.tex"]
 
 
+def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """analytic.md/.tex: the closed-form activation count against every finished run."""
+    table = closed_form.analytic_vs_measured(frame)
+    shown = closed_form.display(table)
+    if shown.empty:
+        return []
+    text = ["# Closed-form activation count vs measured\n", closed_form.summary(table) + "\n",
+            "\"LoRA-FA minimum\" is what must be kept without recomputation (membench/analytic.py).\n",
+            markdown(shown)]
+    write_text(out / "analytic.md", "\n".join(text))
+    write_text(out / "analytic.tex", latex(shown, "Analytic vs measured saved-tensor bytes", "tab:analytic"))
+    return [out / "analytic.md", out / "analytic.tex"]
+
+
 def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
     """Write the whole report for the results under ``paths`` into ``out``; returns (files, skipped)."""
     frame, skipped = load_results(*paths, warn=False)
@@ -106,6 +120,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
             written.append(path)
     written += figures.save_all(frame, out / "figures")
     written += write_validation(frame, out)
+    written += write_analytic(frame, out)
 
     index = ["# membench report\n", f"{len(frame)} runs from {', '.join(map(str, paths))} "
              f"({', '.join(f'{n} {s}' for s, n in frame['status'].value_counts().items())}).\n",
@@ -118,6 +133,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
               "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
               "- `validation.md|tex` (when there is something to compare): simulated vs measured",
+              "- `analytic.md|tex`: the closed-form activation count (membench/analytic.py) vs measured",
               "- `figures/*.png|pdf`\n"]
     write_text(out / "README.md", "\n".join(index))
     written.append(out / "README.md")

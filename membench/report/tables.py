@@ -21,7 +21,8 @@ def setting_label(row) -> str:
     parts = [f"bs{row['batch_size']}", f"seq{row['seq_len']}", row["precision"]]
     if row.get("attn_implementation") == "eager":
         parts.append("eager")
-    if row.get("lora_dropout"):
+    dropout = row.get("lora_dropout")
+    if dropout is not None and not pd.isna(dropout) and dropout > 0:
         parts.append(f"dropout {row['lora_dropout']:g}")
     if row.get("adapter_dtype") == "base" and row["precision"] not in ("fp32", "bf16-autocast"):
         parts.append(f"{row['precision']} adapters")
