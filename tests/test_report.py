@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from membench.report import figures, validate, verdict
+from membench.report import closed_form, figures, validate, verdict
 from membench.report.cli import build_report, main
 from membench.report.compare import side_by_side
 from membench.report.load import load_results
@@ -68,7 +68,7 @@ def test_ratios_match_the_files(sweep_dir):
 def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
     written, skipped = build_report([sweep_dir], tmp_path / "report")
     names = {p.relative_to(tmp_path / "report").as_posix() for p in written}
-    for table in ("headline", "comparison", "breakdown", "verdict"):
+    for table in ("headline", "comparison", "breakdown", "verdict", "analytic"):
         assert {f"{table}.md", f"{table}.tex"} <= names
     for figure in figures.FIGURES:
         assert {f"figures/{figure}.png", f"figures/{figure}.pdf"} <= names
@@ -81,6 +81,16 @@ def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
     assert "LoRA's peak is at least 1.4×" in (tmp_path / "report" / "verdict.md").read_text()
     breakdown = (tmp_path / "report" / "breakdown.md").read_text()
     assert "| oom |" in breakdown and "| error |" in breakdown and "peak (MiB)" in breakdown
+
+
+def test_analytic_table_covers_every_finished_run(sweep_dir):
+    frame, _ = load_results(sweep_dir)
+    table = closed_form.analytic_vs_measured(frame)
+    finished = frame[frame["status"] == "ok"]
+    assert sorted(table["run_id"]) == sorted(finished["run_id"])
+    assert (table["saved_error"].abs() <= closed_form.GOAL).all()
+    assert (table["saved_measured"] == finished.set_index("run_id").loc[table["run_id"], "saved_tensor_bytes"]
+            .to_numpy()).all()
 
 
 def test_verdict_counts_the_claim_by_hand(sweep_dir):
