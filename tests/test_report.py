@@ -138,6 +138,18 @@ def test_validation_table_from_fixture_results(tmp_path):
     assert "Against cuda, 1 configurations: worst peak error +1.00%" in text
 
 
+def test_maxfit_results_become_a_report_table(sweep_dir, tmp_path):
+    from membench import maxfit
+
+    runs = [tiny("tiny-llama", method) for method in ("lora", "lora_fa")]
+    budget = measure(tiny("tiny-llama", "lora_fa", "workload.batch_size=5")).metrics["peak_allocated_bytes"]
+    rows = maxfit.maxfit_rows(runs, ["batch_size"], [budget], search_cap=64)
+    maxfit.write_maxfit(rows, tmp_path / "maxfit", {"test": True})
+    written, _ = build_report([sweep_dir], tmp_path / "report", tmp_path / "maxfit")
+    text = (tmp_path / "report" / "maxfit.md").read_text()
+    assert "lora_fa fits batch 5 where lora fits" in text
+
+
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "nope")])

@@ -91,7 +91,24 @@ def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
     return [out / "analytic.md", out / "analytic.tex"]
 
 
-def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
+def write_maxfit(directory: Path | None, out: Path) -> list[Path]:
+    """maxfit.md from membench-maxfit's files: the largest batch / sequence each method fits per budget."""
+    from membench.maxfit import load_maxfit, markdown_table, sentences
+
+    if directory is None or not directory.is_dir():
+        return []
+    frame = load_maxfit(directory)
+    if frame.empty:
+        return []
+    text = ["# What fits on a 24, 40 and 80 GiB card\n",
+            "Largest batch size (sequence fixed) and largest sequence length (batch fixed) whose simulated "
+            "`max_memory_allocated` stays within each budget (membench-maxfit).\n",
+            "\n".join(f"- {line}" for line in sentences(frame)) + "\n", markdown_table(frame)]
+    write_text(out / "maxfit.md", "\n".join(text))
+    return [out / "maxfit.md"]
+
+
+def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tuple[list[Path], list]:
     """Write the whole report for the results under ``paths`` into ``out``; returns (files, skipped)."""
     frame, skipped = load_results(*paths, warn=False)
     if frame.empty:
@@ -121,6 +138,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
     written += figures.save_all(frame, out / "figures")
     written += write_validation(frame, out)
     written += write_analytic(frame, out)
+    written += write_maxfit(maxfit, out)
 
     index = ["# membench report\n", f"{len(frame)} runs from {', '.join(map(str, paths))} "
              f"({', '.join(f'{n} {s}' for s, n in frame['status'].value_counts().items())}).\n",
@@ -134,6 +152,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[list[Path], list]:
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
               "- `validation.md|tex` (when there is something to compare): simulated vs measured",
               "- `analytic.md|tex`: the closed-form activation count (membench/analytic.py) vs measured",
+              "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
               "- `figures/*.png|pdf`\n"]
     write_text(out / "README.md", "\n".join(index))
     written.append(out / "README.md")
@@ -145,12 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="*", default=["results/runs"], type=Path,
                         help="result files or folders (default: results/runs)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--maxfit", type=Path, help="membench-maxfit output to include "
+                        "(default: <first folder>/maxfit when it exists)")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
     out = args.out or default_output(args.paths)
-    written, skipped = build_report(args.paths, out)
+    maxfit = args.maxfit or default_output(args.paths).parent / "maxfit"
+    written, skipped = build_report(args.paths, out, maxfit)
     for item in skipped:
         print(f"membench-report: skipped {item.reason}", file=sys.stderr)
     print(f"membench-report: {len(written)} files in {out}; start with {out / 'README.md'}")
