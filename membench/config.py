@@ -206,17 +206,30 @@ class BackendConfig:
         fake_device: For ``simulate``: fake ``cuda`` tensors (CUDA's own code
             paths; needs a CUDA build of torch), fake ``cpu`` tensors with
             ``cuda_semantics``, or ``auto`` (cuda when a GPU is visible).
+        memory_snapshot: For ``cuda`` only: record the caching allocator's
+            history during the run and write it, also after an OOM, to
+            ``<results_dir>/<run_id>.snapshot.pickle`` (the path goes into the
+            result's ``env.memory_snapshot``). Open it at
+            https://pytorch.org/memory_viz to see every allocation over time
+            with its Python stack. A snapshot run gets its own run id; the ids
+            of other runs do not change.
     """
 
     name: str = "auto"
     device: str = "h100-80gb"
     cuda_semantics: bool = True
     fake_device: str = "auto"
+    memory_snapshot: bool = False
 
     def __post_init__(self) -> None:
         check_choice("backend.name", self.name, BACKENDS)
         check_choice("backend.fake_device", self.fake_device, FAKE_DEVICES)
         check_choice("backend.device", self.device, tuple(DEVICES))
+        if self.memory_snapshot and self.name in ("simulate", "cpu"):
+            raise ConfigError(
+                "backend.memory_snapshot=true needs backend.name=cuda (it records the CUDA "
+                f"caching allocator's history); backend.name={self.name} has no such allocator"
+            )
 
 
 @dataclass

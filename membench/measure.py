@@ -9,6 +9,11 @@ backend's peak is reset at the phase start). The figures, all integer bytes:
 * ``gradient_bytes``: the ``.grad`` storages of trainable weights after backward.
 * ``activation_bytes``: allocated after forward minus before forward.
 * ``saved_tensor_bytes``: unique storages autograd packed, parameters excluded.
+* ``saved_bytes_by_module`` / ``saved_bytes_by_op``: the same storages split by
+  the module that saved them (layer indices collapsed to ``*``) and by the ATen
+  op that made them; each sums to ``saved_tensor_bytes`` exactly.
+  ``saved_tensors_by_module`` / ``saved_tensors_by_op`` count the storages;
+  ``saved_bytes_by_module_op`` crosses the two ({module: {op: bytes}}).
 * ``peak_allocated_bytes``: the highest phase peak over the measured steps.
 """
 
@@ -45,6 +50,13 @@ class Metrics:
     step_time_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
     runtime_overhead_bytes: int = 0
+    # saved_tensor_bytes split by the module that packed each storage (its path, layer indices as
+    # ``*``) and by the ATen op that made it; each sums to saved_tensor_bytes. See membench.saved_tensors.
+    saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
+    saved_tensors_by_module: dict[str, int] = field(default_factory=dict)  # storages per module pattern
+    saved_bytes_by_op: dict[str, int] = field(default_factory=dict)
+    saved_tensors_by_op: dict[str, int] = field(default_factory=dict)  # storages per op
+    saved_bytes_by_module_op: dict[str, dict[str, int]] = field(default_factory=dict)  # {module: {op: bytes}}
 
 
 def unique_storage_bytes(tensors) -> int:
@@ -110,7 +122,7 @@ class MeasuredLoop:
         self.metrics.trainable_params = sum(p.numel() for p in self.trainable)
         self.metrics.weight_bytes = unique_storage_bytes([*parameters, *model.buffers()])
         self.metrics.phase_allocated_bytes["model_ready"] = backend.allocated()
-        self._saved = SavedTensorCounter(parameters)
+        self._saved = SavedTensorCounter(parameters, model)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -136,13 +148,19 @@ class MeasuredLoop:
 
         self._enter("forward")
         before_forward = self.backend.allocated()
-        saving = self._saved.counting() if measured else contextlib.nullcontext()
-        with saving, self._autocast():
-            loss = self.model(**self.batch).loss
+        with contextlib.ExitStack() as saving:
+            if measured:
+                origins = saving.enter_context(self.backend.op_origins())
+                saving.enter_context(self._saved.counting(origins))
+            with self._autocast():
+                loss = self.model(**self.batch).loss
         self._leave("forward", peaks, reserved)
         if measured:
             self.metrics.activation_bytes = self.backend.allocated() - before_forward
             self.metrics.saved_tensor_bytes = self._saved.total_bytes
+            self.metrics.saved_bytes_by_module, self.metrics.saved_tensors_by_module = self._saved.by_module()
+            self.metrics.saved_bytes_by_op, self.metrics.saved_tensors_by_op = self._saved.by_op()
+            self.metrics.saved_bytes_by_module_op = self._saved.by_module_and_op()
 
         self._enter("backward")
         loss.backward()

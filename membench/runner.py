@@ -8,10 +8,12 @@ config dataclasses, then :func:`plan` on a ``meta`` model. Failures after that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -51,8 +53,9 @@ def plan(run: RunConfig) -> Plan:
 
     Raises:
         ConfigError: unknown model type, sequence too long, target matching
-            nothing, rank too large.
+            nothing, rank too large, a backend option the backend lacks.
     """
+    resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
     hf_config = load_hf_config(run.model)
     check_sequence_length(run, hf_config)
     try:
@@ -81,6 +84,8 @@ def recorded_config(run: RunConfig, backend_name: str) -> dict:
     irrelevant = {"cuda": ("device", "fake_device", "cuda_semantics"), "cpu": ("device", "fake_device")}
     for key in irrelevant.get(backend_name, ()):
         backend.pop(key)
+    if not backend.get("memory_snapshot"):
+        backend.pop("memory_snapshot", None)  # recorded only when on, so other runs keep their ids
     return config
 
 
@@ -92,6 +97,11 @@ def result_id(run: RunConfig) -> str:
     """The run id (file stem) this config's result will have."""
     name = resolve_name(run.backend)
     return run_id(recorded_config(run, name), backend_label(run, name))
+
+
+def snapshot_path(run: RunConfig, the_run_id: str) -> Path:
+    """Where ``backend.memory_snapshot`` puts the allocator snapshot: beside the result JSON, same stem."""
+    return Path(run.results_dir) / f"{the_run_id}.snapshot.pickle"
 
 
 def tokens_per_step(run: RunConfig) -> int:
@@ -162,8 +172,14 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     backend.reset_peak()
     started = time.perf_counter()
     progress = Progress()
+    config = recorded_config(run, backend.name)
+    the_run_id = run_id(config, backend_label(run, backend.name))
+    # The snapshot is written when the block ends, also on an OOM: the moment it is most useful.
+    recording = (backend.memory_snapshot(snapshot_path(run, the_run_id)) if run.backend.memory_snapshot
+                 else contextlib.nullcontext())
     try:
-        metrics = _measure(the_plan, backend, progress)
+        with recording:
+            metrics = _measure(the_plan, backend, progress)
         predicted = backend.predicted_oom(metrics.phase_peak_bytes)
         status = Status("oom", *predicted) if predicted else Status()
     except Exception as error:  # noqa: BLE001 - every failure must become a result row
@@ -181,8 +197,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
            "adapted_layers": len(the_plan.adapted),
            "warmup_steps_run": warmup_steps, "optimizer_primed": primed,
            "wall_time_s": round(time.perf_counter() - started, 3)}
-    config = recorded_config(run, backend.name)
-    return Result(run_id(config, backend_label(run, backend.name)), config, status, dataclasses.asdict(metrics), env)
+    return Result(the_run_id, config, status, dataclasses.asdict(metrics), env)
 
 
 def measure(run: RunConfig) -> Result:

@@ -1,17 +1,103 @@
-"""Count the bytes autograd keeps for backward: what LoRA-FA is about."""
+"""Count the bytes autograd keeps for backward (what LoRA-FA is about), and say where they come from.
+
+Every counted storage is attributed twice:
+
+* to the **module** whose ``forward`` was running when autograd packed it: the
+  innermost one, by its path in the model with layer indices collapsed to
+  ``*`` (:func:`module_pattern`), so LLaMA's 32 layers add up under one key
+  such as ``base_model.model.model.layers.*.self_attn.q_proj.lora_A``;
+* to the **ATen op** that made the storage (``aten.mm``, ``aten._to_copy``,
+  ``aten.native_dropout``, ...), as the backend reports it
+  (:meth:`membench.backends.base.Backend.op_origins`). Storages that no op made
+  during the forward (the batch, buffers) are :data:`BEFORE_FORWARD`.
+
+Both breakdowns (and the module x op table) sum to
+:attr:`SavedTensorCounter.total_bytes` exactly: they split the same set of storages.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import re
+import weakref
+from typing import Callable, Iterator, Optional
 
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from membench.allocator import storage_key
 
+#: Op label of storages no op made during the counted forward (batch tensors, buffers).
+BEFORE_FORWARD = "(before forward)"
+#: Module label of tensors packed while no module's forward was running.
+NO_MODULE = "(no module)"
+#: Module label of the model itself (its path is the empty string).
+ROOT = "(root)"
+
+OpOverload = torch._ops.OpOverload
+#: Looks up the op that made a live storage; None when unknown.
+OriginLookup = Callable[[torch.UntypedStorage], Optional[OpOverload]]
+
+_LAYER_INDEX = re.compile(r"(?<![^.])\d+(?![^.])")  # a whole path component made of digits
+
+
+def module_pattern(name: str) -> str:
+    """A module path with layer indices collapsed: ``encoder.layer.11.output`` -> ``encoder.layer.*.output``."""
+    return _LAYER_INDEX.sub("*", name) if name else ROOT
+
+
+def op_name(func: Optional[OpOverload]) -> str:
+    """``aten.mm`` for ``aten.mm.default``; :data:`BEFORE_FORWARD` for None."""
+    return BEFORE_FORWARD if func is None else str(func.overloadpacket)
+
+
+def _no_origin(storage: torch.UntypedStorage) -> None:
+    return None
+
+
+class OpOrigins(TorchDispatchMode):
+    """Remembers which op made each storage, for backends without an allocator model (``cuda``).
+
+    Outputs that alias an input (views, in-place and ``out=`` ops) made no
+    storage and are skipped, so a view of the batch stays :data:`BEFORE_FORWARD`.
+    Entries hold a weak reference to their storage: a dead storage's address,
+    reused by a new one, is not mistaken for it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[int, tuple[weakref.ref, OpOverload]] = {}
+        self._aliases: dict[OpOverload, bool] = {}
+
+    def origin(self, storage: torch.UntypedStorage) -> Optional[OpOverload]:
+        entry = self._made.get(storage._cdata)
+        return entry[1] if entry is not None and entry[0]() is storage else None
+
+    def _note(self, tensor: torch.Tensor, func: OpOverload) -> None:
+        storage = tensor.untyped_storage()
+        entry = self._made.get(storage._cdata)
+        if entry is None or entry[0]() is not storage:
+            self._made[storage._cdata] = (weakref.ref(storage), func)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        aliases = self._aliases.get(func)
+        if aliases is None:
+            aliases = self._aliases[func] = any(ret.alias_info is not None for ret in func._schema.returns)
+        if aliases:
+            return out
+        if isinstance(out, torch.Tensor):
+            self._note(out, func)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self._note(item, func)
+        return out
+
 
 class SavedTensorCounter:
-    """Sums the unique storages packed by autograd while active, in bytes.
+    """Sums the unique storages packed by autograd while active, in bytes, and attributes them.
 
     Parameters are excluded: they exist whether or not backward needs them.
     Bytes are the storages' exact sizes (no allocator rounding), so they can be
@@ -21,25 +107,98 @@ class SavedTensorCounter:
 
     Args:
         parameters: Tensors whose storages never count.
+        model: The model whose module paths name the modules; None labels
+            modules by class name.
     """
 
-    def __init__(self, parameters: list[torch.Tensor]) -> None:
+    def __init__(self, parameters: list[torch.Tensor], model: Optional[nn.Module] = None) -> None:
         self._excluded = {storage_key(p) for p in parameters}
-        self._seen: dict[int, int] = {}
+        self._names: dict[int, str] = {}
+        if model is not None:
+            self._names = {id(module): name for name, module in model.named_modules()}
+        # storage key -> (exact bytes, module path, op that made it)
+        self._seen: dict[int, tuple[int, str, Optional[OpOverload]]] = {}
+        self._stack: list[str] = [NO_MODULE]
+        self._origin: OriginLookup = _no_origin
 
     @property
     def total_bytes(self) -> int:
-        return sum(self._seen.values())
+        return sum(entry[0] for entry in self._seen.values())
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = storage_key(tensor)
+        storage = tensor.untyped_storage()
+        key = storage._cdata
         if key not in self._excluded and key not in self._seen:
-            self._seen[key] = tensor.untyped_storage().nbytes()
+            self._seen[key] = (storage.nbytes(), self._stack[-1], self._origin(storage))
         return tensor
 
+    def _aggregate(self, label: Callable[[tuple], str]) -> tuple[dict[str, int], dict[str, int]]:
+        nbytes: dict[str, int] = {}
+        count: dict[str, int] = {}
+        for entry in self._seen.values():
+            key = label(entry)
+            nbytes[key] = nbytes.get(key, 0) + entry[0]
+            count[key] = count.get(key, 0) + 1
+        order = sorted(nbytes, key=lambda key: (-nbytes[key], key))
+        return {key: nbytes[key] for key in order}, {key: count[key] for key in order}
+
+    def _module_label(self) -> Callable[[tuple], str]:
+        patterns: dict[str, str] = {}
+
+        def label(entry: tuple) -> str:
+            name = entry[1]
+            if name not in patterns:
+                patterns[name] = name if name == NO_MODULE else module_pattern(name)
+            return patterns[name]
+
+        return label
+
+    def by_module(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({module pattern: bytes}, {module pattern: storages}), largest first."""
+        return self._aggregate(self._module_label())
+
+    def by_op(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({op: bytes}, {op: storages}), largest first."""
+        return self._aggregate(lambda entry: op_name(entry[2]))
+
+    def by_module_and_op(self) -> dict[str, dict[str, int]]:
+        """{module pattern: {op: bytes}}: which ops made each module's saved bytes."""
+        module = self._module_label()
+        table: dict[str, dict[str, int]] = {}
+        for entry in self._seen.values():
+            ops = table.setdefault(module(entry), {})
+            op = op_name(entry[2])
+            ops[op] = ops.get(op, 0) + entry[0]
+        totals = {key: sum(ops.values()) for key, ops in table.items()}
+        return {key: dict(sorted(table[key].items(), key=lambda item: (-item[1], item[0])))
+                for key in sorted(table, key=lambda key: (-totals[key], key))}
+
     @contextlib.contextmanager
-    def counting(self) -> Iterator["SavedTensorCounter"]:
-        """Count one forward pass from zero (storage keys are only unique among live storages)."""
+    def counting(self, origin: Optional[OriginLookup] = None) -> Iterator["SavedTensorCounter"]:
+        """Count one forward pass from zero (storage keys are only unique among live storages).
+
+        Args:
+            origin: Tells which op made a live storage (see ``Backend.op_origins``); None: unknown.
+        """
         self._seen = {}
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
-            yield self
+        self._origin = origin or _no_origin
+        stack = self._stack = [NO_MODULE]
+        names = self._names
+
+        def enter(module: nn.Module, args) -> None:
+            name = names.get(id(module))
+            stack.append(type(module).__name__ if name is None else name)
+
+        def leave(module: nn.Module, args, output) -> None:
+            if len(stack) > 1:
+                stack.pop()
+
+        handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+                   nn.modules.module.register_module_forward_hook(leave, always_call=True)]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._origin = _no_origin

@@ -6,13 +6,24 @@ import torch
 
 from membench.backends.base import Backend
 from membench.config import BackendConfig
+from membench.errors import ConfigError
 
 
 def resolve_name(config: BackendConfig) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``simulate``."""
-    if config.name == "auto":
-        return "cuda" if torch.cuda.is_available() else "simulate"
-    return config.name
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``simulate``.
+
+    Raises:
+        ConfigError: ``backend.memory_snapshot=true`` but the backend is not ``cuda``.
+    """
+    name = config.name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "simulate"
+    if config.memory_snapshot and name != "cuda":
+        raise ConfigError(
+            "backend.memory_snapshot=true needs backend.name=cuda, but backend.name="
+            f"{config.name} resolved to {name} (no CUDA GPU is visible); drop backend.memory_snapshot"
+        )
+    return name
 
 
 def create_backend(config: BackendConfig) -> Backend:

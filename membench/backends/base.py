@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
@@ -50,6 +51,29 @@ class Backend(ABC):
             tensors: What exists before the session (weights, buffers, the batch).
         """
         yield
+
+    @contextlib.contextmanager
+    def op_origins(self) -> Iterator[Callable[[torch.UntypedStorage], Optional[torch._ops.OpOverload]]]:
+        """While active, record which ATen op makes each storage; yields the lookup.
+
+        Used around the measured forward to attribute saved tensors to ops. This
+        default pushes a dispatch mode (:class:`membench.saved_tensors.OpOrigins`),
+        one Python call per op; tracked backends answer from their allocator model.
+        """
+        from membench.saved_tensors import OpOrigins
+
+        with OpOrigins() as origins:
+            yield origins.origin
+
+    def memory_snapshot(self, path: Path) -> ContextManager[None]:
+        """Record the allocator's history while active, then write it to ``path`` (``cuda`` only).
+
+        Raises:
+            ConfigError: this backend has no allocator history to record.
+        """
+        from membench.errors import ConfigError
+
+        raise ConfigError(f"backend.memory_snapshot=true needs backend.name=cuda, not {self.name}")
 
     #: Whether one ``optimizer.step()`` on zero gradients may replace the warm-up steps
     #: (see MeasuredLoop.prime_optimizer).

@@ -1,9 +1,24 @@
-"""The ground truth: a real GPU and the caching allocator's own statistics."""
+"""The ground truth: a real GPU and the caching allocator's own statistics.
+
+With ``backend.memory_snapshot=true`` it also records the caching allocator's
+history (every allocation and free, with its Python stack) for the whole run
+and writes it next to the result, also when the run ends in an OOM::
+
+    membench backend.name=cuda backend.memory_snapshot=true model=llama-7b ...
+    # -> results/runs/<run_id>.json and results/runs/<run_id>.snapshot.pickle
+
+Drop the pickle onto https://pytorch.org/memory_viz to see the timeline of live
+tensors and which line of code allocated each one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from typing import Optional
+import inspect
+import os
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
@@ -14,6 +29,9 @@ from membench.errors import ConfigError
 # peaks meaningless (and OOMs spurious). This process's own CUDA context is
 # about 0.5 GiB and is not counted by the allocator.
 FOREIGN_MEMORY_LIMIT = 2 << 30
+# Allocation/free events kept in the snapshot's ring buffer (each costs a few KB of host memory and of
+# file size, with its stack); beyond this the oldest are dropped. A few training steps make far fewer.
+SNAPSHOT_MAX_ENTRIES = 100_000
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_ALLOC_FAILED")
 
@@ -25,6 +43,7 @@ class CudaBackend(Backend):
         if not torch.cuda.is_available():
             raise ConfigError("backend.name=cuda but no CUDA GPU is visible; use backend.name=simulate or auto")
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self._snapshot: Optional[dict] = None  # what describe() reports when a snapshot was asked for
 
     def check_idle(self) -> None:
         """Refuse to measure on a GPU that something else already uses.
@@ -65,6 +84,36 @@ class CudaBackend(Backend):
         # Allocations outside the caching allocator (cuBLAS, cuDNN, the driver) fail as RuntimeErrors.
         return isinstance(error, RuntimeError) and any(text in str(error) for text in OOM_MESSAGES)
 
+    @contextlib.contextmanager
+    def memory_snapshot(self, path: Path) -> Iterator[None]:
+        """Record the allocator's history while active; then write it to ``path`` and stop recording.
+
+        The file is written however the block ends (an OOM included: the frames
+        of the exception still hold the tensors, so the snapshot shows what filled
+        the card). A failure to write it is reported in ``describe()``
+        (``memory_snapshot_error``), never lost with the run's figures. Open
+        the file at https://pytorch.org/memory_viz.
+        """
+        memory = torch.cuda.memory
+        options = {"max_entries": SNAPSHOT_MAX_ENTRIES}
+        if "clear_history" in inspect.signature(memory._record_memory_history).parameters:
+            options["clear_history"] = True  # this run's events only, not an earlier run's in this process
+        self._snapshot = {"memory_snapshot": None}
+        memory._record_memory_history(**options)
+        try:
+            yield
+        finally:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(f".tmp-{path.name}")  # a crash mid-write leaves no half file
+                memory._dump_snapshot(str(partial))
+                os.replace(partial, path)
+                self._snapshot["memory_snapshot"] = str(path)
+            except Exception as error:  # noqa: BLE001 - the run's figures matter more than the snapshot
+                self._snapshot["memory_snapshot_error"] = f"{type(error).__name__}: {error}"
+            finally:
+                memory._record_memory_history(enabled=None)
+
     def cleanup(self) -> None:
         gc.collect()
         torch.cuda.empty_cache()
@@ -76,4 +125,5 @@ class CudaBackend(Backend):
             "device_total_memory_bytes": properties.total_memory,
             "cuda_version": torch.version.cuda,
             "runtime_overhead_bytes": 0,  # measured, not modelled: it is inside the allocator's figures
+            **(self._snapshot or {}),
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -35,6 +35,11 @@ class TrackedBackend(Backend):
             if self.cuda_semantics:
                 stack.enter_context(CudaSemantics())
             yield
+
+    @contextlib.contextmanager
+    def op_origins(self) -> Iterator[Callable[[torch.UntypedStorage], Optional[torch._ops.OpOverload]]]:
+        # The allocator model already sees every op's outputs; no second dispatch mode needed.
+        yield self.tracker.origin
 
     def host_resident(self, tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:

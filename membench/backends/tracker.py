@@ -7,6 +7,9 @@ up to 512 bytes, as ``CUDACachingAllocator`` rounds each block. When the
 storage object dies, ``weakref.finalize`` subtracts it again. Views share a
 storage, so they cost nothing, exactly as on the GPU.
 
+It also remembers which ATen op made each live storage (:meth:`origin`), so
+saved tensors can be attributed to ops at no extra dispatch cost.
+
 It works on real tensors (the ``cpu`` backend) and on fake ones (``simulate``),
 which is what lets tests prove the two agree byte for byte.
 """
@@ -14,6 +17,7 @@ which is what lets tests prove the two agree byte for byte.
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,12 +40,17 @@ class AllocationTracker(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self._live: dict[int, int] = {}
+        self._origin: dict[int, torch._ops.OpOverload] = {}  # live storage -> the op that made it
         self._forgotten: set[int] = set()  # untracked early; their finalizers must do nothing
         self.allocated = 0
         self.peak = 0
 
-    def track(self, tensor: torch.Tensor) -> None:
-        """Count ``tensor``'s storage if it is new and on the tracked device type."""
+    def track(self, tensor: torch.Tensor, func: Optional[torch._ops.OpOverload] = None) -> None:
+        """Count ``tensor``'s storage if it is new and on the tracked device type.
+
+        Args:
+            func: The op whose output ``tensor`` is; None for tensors made before tracking.
+        """
         if tensor.device.type != self.device_type:
             return  # e.g. AdamW's per-parameter step counters, which live on the host
         storage = tensor.untyped_storage()
@@ -50,6 +59,8 @@ class AllocationTracker(TorchDispatchMode):
             return
         size = allocator_bytes(storage.nbytes())
         self._live[key] = size
+        if func is not None:
+            self._origin[key] = func
         self.allocated += size
         if self.allocated > self.peak:
             self.peak = self.allocated
@@ -62,6 +73,11 @@ class AllocationTracker(TorchDispatchMode):
         if size is not None:
             self.allocated -= size
             self._forgotten.add(key)
+            self._origin.pop(key, None)
+
+    def origin(self, storage: torch.UntypedStorage) -> Optional[torch._ops.OpOverload]:
+        """The op that made the live ``storage``; None if it predates tracking or lives off the device."""
+        return self._origin.get(storage._cdata)
 
     def add_constant(self, nbytes: int) -> None:
         """Hold ``nbytes`` that no tensor owns (e.g. cuBLAS workspaces) for the rest of the run."""
@@ -76,17 +92,18 @@ class AllocationTracker(TorchDispatchMode):
             self._forgotten.discard(key)
             return
         self.allocated -= self._live.pop(key)
+        self._origin.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor):
-            self.track(out)
+            self.track(out, func)
         elif isinstance(out, (tuple, list)):
             for item in out:
                 if isinstance(item, torch.Tensor):
-                    self.track(item)
+                    self.track(item, func)
                 elif isinstance(item, (tuple, list)):  # foreach ops return lists
                     for inner in item:
                         if isinstance(inner, torch.Tensor):
-                            self.track(inner)
+                            self.track(inner, func)
         return out
