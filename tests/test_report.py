@@ -68,9 +68,9 @@ def test_ratios_match_the_files(sweep_dir):
 def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
     written, skipped = build_report([sweep_dir], tmp_path / "report")
     names = {p.relative_to(tmp_path / "report").as_posix() for p in written}
-    for table in ("headline", "comparison", "breakdown", "verdict", "analytic"):
-        assert {f"{table}.md", f"{table}.tex"} <= names
-    for figure in figures.FIGURES:
+    for table in ("headline", "comparison", "breakdown", "verdict", "analytic", "attribution"):
+        assert {f"{table}.md"} | ({f"{table}.tex"} if table != "attribution" else set()) <= names
+    for figure in (*figures.FIGURES, "attribution"):
         assert {f"figures/{figure}.png", f"figures/{figure}.pdf"} <= names
     assert all(p.stat().st_size > 0 for p in written)
     csv = pd.read_csv(tmp_path / "report" / "runs.csv")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from membench.report import closed_form, figures, tables, validate, verdict
+from membench.report import closed_form, figures, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
@@ -108,6 +108,23 @@ def write_maxfit(directory: Path | None, out: Path) -> list[Path]:
     return [out / "maxfit.md"]
 
 
+def write_attribution(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """attribution.md and figures/attribution.png|pdf: LoRA vs LoRA-FA saved bytes per module."""
+    text = where.attribution_markdown(frame)
+    if not text:
+        return []
+    write_text(out / "attribution.md", text)
+    written = [out / "attribution.md"]
+    fig = where.attribution_figure(frame)
+    if fig is not None:
+        (out / "figures").mkdir(exist_ok=True)
+        for suffix in ("png", "pdf"):
+            fig.savefig(out / "figures" / f"attribution.{suffix}", dpi=150, bbox_inches="tight")
+            written.append(out / "figures" / f"attribution.{suffix}")
+        figures.plt.close(fig)
+    return written
+
+
 def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tuple[list[Path], list]:
     """Write the whole report for the results under ``paths`` into ``out``; returns (files, skipped)."""
     frame, skipped = load_results(*paths, warn=False)
@@ -139,6 +156,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
     written += write_validation(frame, out)
     written += write_analytic(frame, out)
     written += write_maxfit(maxfit, out)
+    written += write_attribution(frame, out)
 
     index = ["# membench report\n", f"{len(frame)} runs from {', '.join(map(str, paths))} "
              f"({', '.join(f'{n} {s}' for s, n in frame['status'].value_counts().items())}).\n",
@@ -153,6 +171,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
               "- `validation.md|tex` (when there is something to compare): simulated vs measured",
               "- `analytic.md|tex`: the closed-form activation count (membench/analytic.py) vs measured",
               "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
+              "- `attribution.md`, `figures/attribution.png|pdf`: which modules hold LoRA's extra saved bytes",
               "- `figures/*.png|pdf`\n"]
     write_text(out / "README.md", "\n".join(index))
     written.append(out / "README.md")

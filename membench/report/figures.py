@@ -62,11 +62,11 @@ def _gpu_line(ax, runs: pd.DataFrame) -> None:
 
 def _sweep(frame: pd.DataFrame, x: str, fixed: str, title: str, xlabel: str, log2: bool) -> plt.Figure:
     runs = _plain(frame)
-    models = [m for m, g in runs.groupby("model", sort=False) if g[x].nunique() > 1]
+    models = [m for m in _by_size(runs) if runs[runs["model"] == m][x].nunique() > 1]
     if not models:
         return _empty(title, f"no model has more than one {xlabel.lower()}")
     fig, axes = _panels(len(models))
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=True):
         group = runs[runs["model"] == model]
         adapters = group[group["kind"] != "full"]
         # Hold the other axis where the most methods, then the most points, were measured.
@@ -99,10 +99,27 @@ def _sweep(frame: pd.DataFrame, x: str, fixed: str, title: str, xlabel: str, log
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.minorticks_off()
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="× = out of memory", title_fontsize=7)
+    _figure_legend(fig, axes, "× = out of memory")
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
+
+
+def _by_size(runs: pd.DataFrame) -> list[str]:
+    """Model names, smallest first (by parameter count), so panels read like the paper's tables."""
+    sizes = runs.groupby("model")["total_params"].max().fillna(0) if "total_params" in runs else None
+    names = list(dict.fromkeys(runs["model"]))
+    return sorted(names, key=lambda m: (sizes[m] if sizes is not None else 0, m))
+
+
+def _figure_legend(fig: plt.Figure, axes: list, title: str = "") -> None:
+    """One legend under all panels, with every method any panel drew."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=len(entries), fontsize=8,
+               title=title or None, title_fontsize=7, frameon=False)
 
 
 def peak_vs_batch(frame: pd.DataFrame) -> plt.Figure:
@@ -119,11 +136,11 @@ def breakdown(frame: pd.DataFrame) -> plt.Figure:
     runs = frame[frame["status"].isin(["ok", "oom"])]
     if rows.empty:  # no complete comparison: one bar per method at each model's largest batch
         rows = runs.sort_values("batch_size").groupby("model").tail(1)
-    models = list(dict.fromkeys(rows["model"]))
+    models = [m for m in _by_size(runs) if m in set(rows["model"])]
     if not models:
         return _empty("Where the memory goes", "no results")
     fig, axes = _panels(len(models), width=4.6)
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=True):
         setting = rows[rows["model"] == model].iloc[0]
         same = runs[(runs["model"] == model) & (runs["batch_size"] == setting["batch_size"])
                     & (runs["seq_len"] == setting["seq_len"]) & (runs["precision"] == setting["precision"])]
@@ -158,12 +175,12 @@ def ratio_heatmap(frame: pd.DataFrame) -> plt.Figure:
     if table.empty or "lora_over_lora_fa" not in table or table["lora_over_lora_fa"].isna().all():
         return _empty("LoRA / LoRA-FA peak ratio", "no LoRA and LoRA-FA pairs")
     table = table.dropna(subset=["lora_over_lora_fa"])
-    models = list(dict.fromkeys(table["model"]))
+    models = [m for m in _by_size(frame) if m in set(table["model"])]
     fig, axes = _panels(len(models), width=3.8, height=3.2)
     fig.set_layout_engine("constrained")
     lo, hi = float(table["lora_over_lora_fa"].min()), float(table["lora_over_lora_fa"].max())
     image = None
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=True):
         grid = table[table["model"] == model].pivot_table(index="batch_size", columns="rank",
                                                           values="lora_over_lora_fa", aggfunc="first")
         image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", vmin=min(lo, 1.0), vmax=max(hi, 1.4),
@@ -189,9 +206,9 @@ def time_vs_peak(frame: pd.DataFrame) -> plt.Figure:
     if runs.empty:
         return _empty("Step time vs peak memory", "no step times: these runs were simulated.\n"
                       "Measure on a GPU (backend.name=cuda) for the time/memory trade-off.")
-    models = list(dict.fromkeys(runs["model"]))
+    models = _by_size(runs)
     fig, axes = _panels(len(models))
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=True):
         group = runs[runs["model"] == model]
         for method in [m for m in METHOD_LABELS if m in set(group["method"])]:
             series = group[group["method"] == method]
@@ -201,9 +218,8 @@ def time_vs_peak(frame: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("peak allocated (GiB)")
         ax.set_ylabel("step time (ms)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     fig.suptitle("Step time vs peak memory (lower left is better)")
-    fig.tight_layout()
+    _figure_legend(fig, axes)
     return fig
 
 

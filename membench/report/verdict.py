@@ -77,7 +77,7 @@ def knob_effects(frame: pd.DataFrame) -> pd.DataFrame:
                 continue
             first = group.iloc[0]
             values = "; ".join(f"{v if v is not None and not pd.isna(v) else '—'}: {r:.2f}×"
-                               for v, r in zip(group[knob], group["lora_over_lora_fa"]))
+                               for v, r in zip(group[knob], group["lora_over_lora_fa"], strict=True))
             rows.append({"knob": label, "model": first["model"],
                          "setting": f"bs{first['batch_size']} seq{first['seq_len']} r{first['rank']}",
                          "LoRA/LoRA-FA by value": values})
