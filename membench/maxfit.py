@@ -16,7 +16,7 @@ so that a report can say "on a 24 GiB card, lora_fa fits batch 12 where lora fit
 prediction under ``simulate``) is at most the budget, in integer bytes (GiB budgets are
 converted once, 1 GiB = 2**30 B). Nothing is subtracted: the peak already holds the cuBLAS
 workspaces (they are allocator memory), and what ``max_memory_allocated`` does not see is not
-modelled here: the CUDA context (about 0.5 GiB per process), the caching allocator's reserve
+modelled here: the CUDA context (per process, outside the allocator), the caching allocator's reserve
 and fragmentation (``max_memory_reserved`` - allocated), and memory that a card's nominal size
 does not deliver (a "24 GB" card reports about 23.6 GiB). For a physical card, give a budget
 with that headroom taken off (e.g. ``maxfit.budgets_gib=[22]``). Simulated probes include the
@@ -110,7 +110,7 @@ INT_COLUMNS = ["rank", "fixed_batch_size", "fixed_seq_len", "target_len", "budge
                "verify_peak_bytes_at_max_fit", "verify_peak_bytes_at_next"]
 #: Method keys that only adapter methods accept (RunConfig rejects them for method.kind=full).
 ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
-NOTE = ("budget = the most max_memory_allocated may reach; the CUDA context (~0.5 GiB), the allocator's "
+NOTE = ("budget = the most max_memory_allocated may reach; the CUDA context, the allocator's "
         "reserve/fragmentation and a card's nominal-vs-usable gap are not included: leave that headroom.")
 
 
