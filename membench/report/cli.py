@@ -14,7 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
+
+matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
 from membench.report import closed_form, figures, tables, validate, verdict, where
 from membench.report.load import load_results

@@ -1,4 +1,4 @@
-"""The report's figures (matplotlib, Agg): each saved as PNG and PDF, GiB on the axes.
+"""The report's figures (matplotlib): each saved as PNG and PDF, GiB on the axes.
 
 All functions take the DataFrame of :func:`membench.report.load.load_results` and
 return a Figure; :func:`save_all` writes them. Only plain runs are plotted in the
@@ -10,15 +10,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from membench.report.compare import GIB, side_by_side  # noqa: E402
-from membench.report.tables import METHOD_LABELS, headline_rows  # noqa: E402
+from membench.report.compare import GIB, side_by_side
+from membench.report.tables import METHOD_LABELS, headline_rows
 
 PARTS = (("weight_bytes", "weights"), ("gradient_bytes", "gradients"), ("optimizer_state_bytes", "optimizer state"),
          ("activation_bytes", "activations"))

@@ -7,16 +7,13 @@ draws the model with the largest difference.
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from membench.attribution import AttributionError, compare, top_findings  # noqa: E402
-from membench.report.compare import GIB  # noqa: E402
-from membench.report.load import ADAPTER, SETTING  # noqa: E402
-from membench.results import read_result  # noqa: E402
+from membench.attribution import AttributionError, compare, top_findings
+from membench.report.compare import GIB
+from membench.report.load import ADAPTER, SETTING
+from membench.results import read_result
 
 
 def lora_pairs(frame: pd.DataFrame) -> list[tuple[str, dict, dict]]:
