@@ -1,0 +1,118 @@
+"""The ``membench-maxfit`` command: one run per method from the command line, search, write, print."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from membench.config import RunConfig
+from membench.errors import ConfigError
+from membench.maxfit.config import MaxFitConfig, register_maxfit_configs
+from membench.maxfit.files import _typed, write_maxfit
+from membench.maxfit.rows import cuda_available_or_raise, maxfit_rows
+from membench.maxfit.search import search_backend
+from membench.maxfit.text import budget_label, markdown_table, sentences
+
+#: Method keys that only adapter methods accept (RunConfig rejects them for method.kind=full).
+ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
+NOTE = ("budget = the most max_memory_allocated may reach; the CUDA context, the allocator's "
+        "reserve/fragmentation and a card's nominal-vs-usable gap are not included: leave that headroom.")
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def method_runs(methods: Sequence[str], overrides: Sequence[str], compose: Callable[..., DictConfig],
+                available: Sequence[str]) -> list[RunConfig]:
+    """One RunConfig per method name: the command line's overrides with ``method=<name>``.
+
+    Adapter-only keys (``method.rank`` ...) are dropped for full fine-tuning, and
+    ``method.lorafa_optimizer`` for methods other than LoRA-FA, so one command line serves all.
+    """
+    from membench.cli import to_run_config
+
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        raise ConfigError(f"maxfit.methods entry {unknown[0]!r} is not a method; "
+                          f"choose from: {', '.join(sorted(available))}")
+    rest = [o for o in overrides if _override_key(o) != "method" and not _override_key(o).startswith("maxfit.")]
+    runs = []
+    for name in dict.fromkeys(methods):
+        kind = compose(config_name="maxfit", overrides=[o for o in rest if not _override_key(o).startswith("method.")]
+                       + [f"method={name}"]).method.kind
+        dropped = (ADAPTER_ONLY_KEYS if kind == "full" else ()) + (("method.lorafa_optimizer",) if kind != "lora_fa"
+                                                                   else ())
+        cfg = compose(config_name="maxfit",
+                      overrides=[o for o in rest if _override_key(o) not in dropped] + [f"method={name}"])
+        run = to_run_config(cfg)
+        runs.append(RunConfig(**{f.name: getattr(run, f.name) for f in dataclasses.fields(RunConfig)}))
+    return runs
+
+
+def run_maxfit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[..., DictConfig],
+               available_methods: Sequence[str], out=sys.stdout) -> tuple[list[dict[str, Any]], Path, Path]:
+    """The whole command: validate, search every method, write the files, print the table."""
+    from membench.cli import to_run_config
+
+    settings: MaxFitConfig = to_run_config(cfg.maxfit)  # the maxfit section alone: method=... may not suit all
+    budgets = settings.budgets()
+    runs = method_runs(settings.methods, overrides, compose, available_methods)
+    if settings.verify:
+        cuda_available_or_raise()
+    started = time.perf_counter()
+    print(f"membench-maxfit: {runs[0].model.name}, methods {', '.join(r.method.name for r in runs)}; "
+          f"budgets {', '.join(budget_label(b) for b in budgets)}; searching with {search_backend(runs[0])}",
+          file=out, flush=True)
+    rows = maxfit_rows(runs, settings.dimensions, budgets, search_cap=settings.search_cap,
+                       verify_on_cuda=settings.verify, log=lambda line: print(line, file=out, flush=True))
+    elapsed = time.perf_counter() - started
+    recorded = {"runs": [dataclasses.asdict(r) for r in runs], "budgets_bytes": budgets,
+                "dimensions": list(settings.dimensions), "search_cap": settings.search_cap,
+                "verify": settings.verify}
+    for run in recorded["runs"]:
+        run.pop("results_dir")
+        run.pop("force")
+    json_path, csv_path = write_maxfit(rows, settings.output, recorded)
+    frame = _typed(pd.DataFrame(rows))
+    print("", markdown_table(frame), "", *sentences(frame), "", NOTE, sep="\n", file=out)
+    total = sum(row["new_probes"] for row in rows)
+    print(f"{total} probes in {elapsed:.0f} s; wrote {json_path} and {csv_path}", file=out, flush=True)
+    return rows, json_path, csv_path
+
+
+def main() -> None:
+    """Entry point of ``membench-maxfit`` (a Hydra app on conf/maxfit.yaml)."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from membench.backends.base import BusyDeviceError
+    from membench.cli import CONF_DIR
+
+    register_maxfit_configs()
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="maxfit")
+    def app(cfg: DictConfig) -> None:
+        overrides = list(HydraConfig.get().overrides.task)
+        available = GlobalHydra.instance().config_loader().get_group_options("method")
+        try:
+            run_maxfit(cfg, overrides, hydra.compose, available)
+        except ConfigError as error:
+            print(f"membench-maxfit: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except BusyDeviceError as error:
+            print(f"membench-maxfit: refusing to measure: {error}", file=sys.stderr)
+            sys.exit(3)
+
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The files ``membench-maxfit`` writes (``<stem>.json`` and ``<stem>.csv``) and reads back."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from membench.maxfit.rows import COLUMNS, INT_COLUMNS
+from membench.results import config_digest
+
+SCHEMA_VERSION = 1
+KIND = "membench-maxfit"
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", suffix=path.suffix, delete=False,
+                                     newline="") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(handle.name, 0o666 & ~umask)  # a temp file is private; the result is an ordinary file
+    os.replace(handle.name, path)
+
+
+def write_maxfit(rows: list[dict[str, Any]], directory: str | Path, settings: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``rows`` to ``<stem>.json`` and ``<stem>.csv`` in ``directory``, each atomically.
+
+    The stem names the model, precision and backend and hashes ``settings`` (the fixed
+    configs, budgets, dimensions, cap), so the same search overwrites its own files.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    first = rows[0] if rows else {"model": "none", "precision": "none", "backend": "none"}
+    stem = "--".join(["maxfit", str(first["model"]), str(first["precision"]), str(first["backend"]),
+                      config_digest(settings)])
+    json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
+    document = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings, "rows": rows}
+    _atomic_write(json_path, lambda handle: (json.dump(document, handle, indent=2), handle.write("\n")))
+    frame = _typed(pd.DataFrame(rows, columns=COLUMNS))  # nullable integers: 512, not 512.0
+    _atomic_write(csv_path, lambda handle: frame.to_csv(handle, index=False))
+    return json_path, csv_path
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    for column in INT_COLUMNS:
+        frame[column] = pd.array(
+            [None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v) for v in frame[column]],
+            dtype="Int64")
+    return frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]
+
+
+def load_maxfit(directory: str | Path) -> pd.DataFrame:
+    """Every row of the ``*.json`` files ``membench-maxfit`` wrote to ``directory``.
+
+    A file that is not valid JSON or not a maxfit file of this schema is skipped with a
+    warning naming it. Integer columns use pandas' nullable ``Int64``.
+    """
+    rows = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            document = json.loads(path.read_text())
+            if not isinstance(document, dict) or document.get("kind") != KIND:
+                raise ValueError("not a membench-maxfit file")
+            if document.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"schema_version {document.get('schema_version')!r}; expected {SCHEMA_VERSION}")
+            if not isinstance(document.get("rows"), list) or not all(isinstance(r, dict) for r in document["rows"]):
+                raise ValueError("'rows' is not a list of rows")
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            warnings.warn(f"{path}: skipped, not a readable maxfit file: {error}", stacklevel=2)
+            continue
+        rows.extend(document["rows"])
+    return _typed(pd.DataFrame(rows, columns=COLUMNS) if not rows else pd.DataFrame(rows))

@@ -1,0 +1,97 @@
+"""Probes: one measured point of a search (:class:`Probe`), run and cached per method by :class:`Prober`."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from membench.config import RunConfig
+from membench.errors import ConfigError
+from membench.preflight import check_sequence_length
+from membench.results import Result
+from membench.runner import Plan, result_id
+
+
+def _execute(the_plan: Plan) -> Result:
+    """:func:`membench.runner.execute`, looked up on :mod:`membench.maxfit` at call time, so that
+    replacing ``membench.maxfit.execute`` (as the tests do) reaches every probe."""
+    from membench import maxfit
+
+    return maxfit.execute(the_plan)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured point: the searched dimension at ``value``, everything else fixed."""
+
+    value: int
+    state: str  # ok | oom | error (as in the Result)
+    peak_bytes: Optional[int]
+    backend: str
+    device: Optional[str]
+    message: Optional[str] = None
+
+    def fits(self, budget: int) -> Optional[bool]:
+        """Whether the step fits ``budget``; None for an error.
+
+        A simulated ``oom`` is against the simulated card's capacity, not the budget, and
+        its predicted peak is complete, so only the peak decides. A real OOM does not fit
+        (its peak is only what was reached before the allocation failed).
+        """
+        if self.state == "error" or self.peak_bytes is None:
+            return None
+        if self.state == "oom" and self.backend != "simulate":
+            return False
+        return self.peak_bytes <= budget
+
+
+class Prober:
+    """Runs the probes of one method (one Plan), caching them by run id.
+
+    Args:
+        the_plan: The validated base run (from :func:`membench.runner.plan`).
+        backend: Backend name to probe on (``simulate``, ``cpu`` or ``cuda``); None keeps
+            the plan's ``backend.name``.
+    """
+
+    def __init__(self, the_plan: Plan, backend: Optional[str] = None) -> None:
+        run = the_plan.run
+        if backend is not None:
+            run = dataclasses.replace(run, backend=dataclasses.replace(run.backend, name=backend))
+        self.plan = dataclasses.replace(the_plan, run=run)
+        self.cache: dict[str, Probe] = {}
+        #: dimension -> value -> Probe, for the searches that share this prober.
+        self.points: dict[str, dict[int, Probe]] = {}
+        self.executed = 0
+        self.seconds = 0.0
+
+    @property
+    def run(self) -> RunConfig:
+        return self.plan.run
+
+    def run_for(self, dimension: str, value: int) -> RunConfig:
+        workload = dataclasses.replace(self.run.workload, **{dimension: value})
+        return dataclasses.replace(self.run, workload=workload)
+
+    def __call__(self, dimension: str, value: int) -> Probe:
+        run = self.run_for(dimension, value)
+        key = result_id(run)
+        if key not in self.cache:
+            started = time.perf_counter()
+            self.cache[key] = self._measure(run, value)
+            self.executed += 1
+            self.seconds += time.perf_counter() - started
+        self.points.setdefault(dimension, {})[value] = self.cache[key]
+        return self.cache[key]
+
+    def _measure(self, run: RunConfig, value: int) -> Probe:
+        try:
+            check_sequence_length(run, self.plan.hf_config)
+            result: Result = _execute(dataclasses.replace(self.plan, run=run))
+        except ConfigError as error:  # e.g. a length the model cannot take: a failed probe, not a crash
+            return Probe(value, "error", None, run.backend.name, None, str(error))
+        return Probe(value, result.status.state, result.metrics.get("peak_allocated_bytes"),
+                     result.env.get("backend", run.backend.name), result.env.get("device_name"),
+                     result.status.message)

@@ -1,0 +1,115 @@
+"""Rows: one per method x dimension x budget, with the verification on a GPU (:func:`maxfit_rows`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+from membench.config import BackendConfig, RunConfig, check_positive
+from membench.errors import ConfigError
+from membench.maxfit.config import check_budgets, check_dimensions
+from membench.maxfit.probe import Prober
+from membench.maxfit.search import Finding, find_max_fit, search_backend
+from membench.maxfit.text import budget_label, fit_text
+from membench.results import provenance
+from membench.runner import plan, result_id
+
+#: Row fields, in the order of the CSV's columns.
+COLUMNS = [
+    "model", "method", "rank", "precision", "fixed_batch_size", "fixed_seq_len", "target_len",
+    "dimension", "budget_bytes", "max_fit", "peak_bytes_at_max_fit", "peak_bytes_at_next", "limited_by",
+    "probes", "new_probes", "search_cap", "error", "backend", "device", "base_run_id",
+    "verified_on", "verify_peak_bytes_at_max_fit", "verify_peak_bytes_at_next", "verify_agrees",
+    "torch", "transformers", "peft", "python", "platform", "git_sha", "git_dirty", "created_at",
+]
+INT_COLUMNS = ["rank", "fixed_batch_size", "fixed_seq_len", "target_len", "budget_bytes", "max_fit",
+               "peak_bytes_at_max_fit", "peak_bytes_at_next", "probes", "new_probes", "search_cap",
+               "verify_peak_bytes_at_max_fit", "verify_peak_bytes_at_next"]
+
+
+def cuda_available_or_raise() -> None:
+    """Raise the cuda backend's own ConfigError, naming maxfit.verify, when no GPU is visible."""
+    from membench.backends import create_backend
+
+    try:
+        create_backend(BackendConfig(name="cuda"))
+    except ConfigError as error:
+        raise ConfigError(f"maxfit.verify=true re-measures the answers on a GPU ({error}); "
+                          "drop maxfit.verify to search with simulate only") from error
+
+
+def verify(finding: Finding, cuda: Prober) -> dict[str, Any]:
+    """Re-measure ``finding``'s answer and answer + 1 on the cuda backend."""
+    out: dict[str, Any] = {"verified_on": None, "verify_peak_bytes_at_max_fit": None,
+                           "verify_peak_bytes_at_next": None, "verify_agrees": None}
+    if finding.limited_by == "error":
+        return out
+    agrees = True
+    if finding.max_fit is not None:
+        at = cuda(finding.dimension, finding.max_fit)
+        out["verified_on"] = at.device
+        out["verify_peak_bytes_at_max_fit"] = at.peak_bytes
+        agrees = bool(at.fits(finding.budget_bytes))
+    if finding.limited_by == "memory":
+        following = cuda(finding.dimension, (finding.max_fit or 0) + 1)
+        out["verified_on"] = following.device
+        out["verify_peak_bytes_at_next"] = following.peak_bytes
+        agrees = agrees and following.fits(finding.budget_bytes) is False
+    out["verify_agrees"] = agrees
+    return out
+
+
+def maxfit_rows(runs: Sequence[RunConfig], dimensions: Sequence[str], budgets_bytes: Sequence[int], *,
+                search_cap: int = 65536, verify_on_cuda: bool = False,
+                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """One row per method (``runs``, one RunConfig each) x dimension x budget.
+
+    Everything that can fail on bad input is checked before the first probe: dimensions,
+    budgets, each run's :func:`membench.runner.plan`, and a GPU when ``verify_on_cuda``.
+    """
+    check_dimensions(dimensions)
+    check_budgets(budgets_bytes)
+    check_positive("maxfit.search_cap", search_cap)
+    if verify_on_cuda:
+        cuda_available_or_raise()
+    plans = [plan(run) for run in runs]
+    stamp = provenance()
+    rows = []
+    for the_plan in plans:
+        run = the_plan.run
+        prober = Prober(the_plan, search_backend(run))
+        cuda = Prober(the_plan, "cuda") if verify_on_cuda and prober.run.backend.name != "cuda" else None
+        for dimension in dimensions:
+            for finding in find_max_fit(run, dimension, budgets_bytes, search_cap=search_cap, prober=prober):
+                row = _row(prober, finding, stamp)
+                if cuda is not None:
+                    row.update(verify(finding, cuda))
+                elif prober.run.backend.name == "cuda" and finding.limited_by != "error":
+                    row["verified_on"] = prober.cache[next(iter(prober.cache))].device
+                rows.append(row)
+                if log:
+                    log(_progress_line(row))
+    return rows
+
+
+def _row(prober: Prober, finding: Finding, stamp: dict[str, Any]) -> dict[str, Any]:
+    run = prober.run
+    return {
+        "model": run.model.name, "method": run.method.name, "rank": run.method.rank,
+        "precision": run.train.precision,
+        "fixed_batch_size": None if finding.dimension == "batch_size" else run.workload.batch_size,
+        "fixed_seq_len": None if finding.dimension == "seq_len" else run.workload.seq_len,
+        "target_len": run.workload.target_len,
+        **dataclasses.asdict(finding),
+        "backend": run.backend.name,
+        "device": run.backend.device if run.backend.name == "simulate" else None,
+        "base_run_id": result_id(run),
+        "verified_on": None, "verify_peak_bytes_at_max_fit": None, "verify_peak_bytes_at_next": None,
+        "verify_agrees": None,
+        **{key: stamp.get(key) for key in COLUMNS[COLUMNS.index("torch"):]},
+    }
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    return (f"  {row['model']} {row['method']} {row['dimension']} @ {budget_label(row['budget_bytes'])}: "
+            f"{fit_text(row)} ({row['probes']} probes, {row['new_probes']} new)")
