@@ -107,8 +107,9 @@ def pairs_display(pairs: pd.DataFrame) -> pd.DataFrame:
         return pairs
     out = pairs[["model", "method", "rank", "setting", "measured on"]].copy()
     out["rank"] = out["rank"].replace("∅", "—")
-    out["peak measured (GiB)"] = [f"{v / GIB:.2f}" for v in pairs["peak measured"]]
-    out["peak simulated (GiB)"] = [f"{v / GIB:.2f}" for v in pairs["peak simulated"]]
+    name, size = ("GiB", GIB) if pairs["peak measured"].max() >= GIB else ("MiB", 1 << 20)
+    out[f"peak measured ({name})"] = [f"{v / size:.2f}" for v in pairs["peak measured"]]
+    out[f"peak simulated ({name})"] = [f"{v / size:.2f}" for v in pairs["peak simulated"]]
     for label in FIGURES:
         out[f"{label} error"] = ["—" if pd.isna(v) else f"{v:+.2%}" for v in pairs[f"{label} error"]]
     return out
