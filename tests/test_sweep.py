@@ -13,7 +13,7 @@ import pytest
 
 from membench.results import read_result
 from membench.runner import measure
-from tests.conftest import tiny
+from tests.conftest import ROOT, tiny
 from tests.test_cli import MEMBENCH, membench
 
 TINY = ["workload.batch_size=2", "workload.seq_len=16", "backend.name=simulate"]
@@ -89,6 +89,18 @@ def test_an_interrupted_sweep_loses_nothing_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"12 configurations; {len(finished)} already measured" in resumed.stdout
     assert len(list(runs.glob("*.json"))) == 12
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_its_first_line_runs_it(experiment, tmp_path):
+    first_line = (ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text().splitlines()[0]
+    assert first_line == f"# membench -m experiment={experiment}"
+    listed = membench("-m", f"experiment={experiment}", "hydra.sweeper.dry_run=true", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    header = listed.stdout.splitlines()[0]
+    total = int(header.split(" configurations")[0].rsplit(" ", 1)[1])
+    assert total > 0 and f"[{total}/{total}]" in listed.stdout
+    assert not (tmp_path / "results").exists()  # nothing ran
 
 
 METRICS = ("weight_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes",

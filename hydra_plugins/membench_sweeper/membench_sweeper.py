@@ -9,6 +9,7 @@
 * **Skips.** A job whose result file already exists (``ok`` or ``oom``) is not
   launched unless ``force=true``; an interrupted sweep, run again, resumes.
 * **Counts.** Each job prints ``[i/N]``; the sweep ends with a tally.
+* **Dry run.** ``hydra.sweeper.dry_run=true`` lists the jobs it would launch, and launches none.
 * **One GPU, one run.** With ``submitit_local`` (``hydra/launcher=isolated``) jobs
   are launched one at a time unless ``hydra.sweeper.max_batch_size`` says otherwise.
 
@@ -47,6 +48,7 @@ class MembenchSweeperConf:
     max_batch_size: Optional[int] = None
     params: Optional[Dict[str, str]] = None
     grids: List[Dict[str, Any]] = field(default_factory=list)
+    dry_run: bool = False  # list the jobs (after checks and skips) and launch nothing
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="membench", node=MembenchSweeperConf, provider="membench")
@@ -58,9 +60,10 @@ def _key(override: str) -> str:
 
 class MembenchSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 grids: Optional[List[Dict[str, Any]]] = None) -> None:
+                 grids: Optional[List[Dict[str, Any]]] = None, dry_run: bool = False) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(grid) for grid in (grids or [])] or [{}]
+        self.dry_run = dry_run
 
     def _expand(self, arguments: List[str]) -> List[List[str]]:
         """Every job's override list: the union of the grids, command line last, duplicates dropped."""
@@ -135,6 +138,10 @@ class MembenchSweeper(BasicSweeper):
         results_dir = self.config.get("results_dir")
         print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
               f"measured in {results_dir} (skipped; force=true re-measures), {len(jobs)} to run", flush=True)
+        if self.dry_run:
+            for number, job in enumerate(jobs, 1):
+                print(f"[{number}/{len(jobs)}] {' '.join(job)}", flush=True)
+            return []
         if not jobs:
             return []
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
     if shown.empty:
         return []
     text = ["# Closed-form activation count vs measured\n", closed_form.summary(table) + "\n",
-            "\"LoRA-FA minimum\" is what must be kept without recomputation (membench/analytic.py).\n",
+            "\"LoRA-FA minimum\" is what must be kept without recomputation (membench/analytic/).\n",
             markdown(shown)]
     write_text(out / "analytic.md", "\n".join(text))
     write_text(out / "analytic.tex", latex(shown, "Analytic vs measured saved-tensor bytes", "tab:analytic"))
@@ -172,7 +172,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
               "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
               "- `validation.md|tex` (when there is something to compare): simulated vs measured",
-              "- `analytic.md|tex`: the closed-form activation count (membench/analytic.py) vs measured",
+              "- `analytic.md|tex`: the closed-form activation count (membench/analytic/) vs measured",
               "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
               "- `attribution.md`, `figures/attribution.png|pdf`: which modules hold LoRA's extra saved bytes",
               "- `figures/*.png|pdf`\n"]
