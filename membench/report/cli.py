@@ -122,7 +122,8 @@ def write_attribution(frame: pd.DataFrame, out: Path) -> list[Path]:
     if fig is not None:
         (out / "figures").mkdir(exist_ok=True)
         for suffix in ("png", "pdf"):
-            fig.savefig(out / "figures" / f"attribution.{suffix}", dpi=150, bbox_inches="tight")
+            fig.savefig(out / "figures" / f"attribution.{suffix}", dpi=150, bbox_inches="tight",
+                        metadata={"CreationDate": None} if suffix == "pdf" else None)
             written.append(out / "figures" / f"attribution.{suffix}")
         figures.plt.close(fig)
     return written
