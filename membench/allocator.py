@@ -6,6 +6,8 @@ counts weights, gradients and saved tensors the same way on every backend.
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import torch
 
 ALLOCATOR_ROUNDING = 512  # bytes; CUDACachingAllocator's kMinBlockSize
@@ -16,6 +18,15 @@ def allocator_bytes(nbytes: int) -> int:
     if nbytes == 0:
         return 0
     return -(-nbytes // ALLOCATOR_ROUNDING) * ALLOCATOR_ROUNDING
+
+
+def returned_tensors(out: Any) -> Iterator[torch.Tensor]:
+    """The tensors an ATen op returned: one, a tuple of them, or lists of them (foreach ops)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from returned_tensors(item)
 
 
 def storage_key(tensor: torch.Tensor) -> int:

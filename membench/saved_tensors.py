@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from membench.allocator import storage_key
+from membench.allocator import returned_tensors, storage_key
 
 #: Op label of storages no op made during the counted forward (batch tensors, buffers).
 BEFORE_FORWARD = "(before forward)"
@@ -87,12 +87,8 @@ class OpOrigins(TorchDispatchMode):
             aliases = self._aliases[func] = any(ret.alias_info is not None for ret in func._schema.returns)
         if aliases:
             return out
-        if isinstance(out, torch.Tensor):
-            self._note(out, func)
-        elif isinstance(out, (tuple, list)):
-            for item in out:
-                if isinstance(item, torch.Tensor):
-                    self._note(item, func)
+        for tensor in returned_tensors(out):
+            self._note(tensor, func)
         return out
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from membench.allocator import allocator_bytes, storage_key
+from membench.allocator import allocator_bytes, returned_tensors, storage_key
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -96,14 +96,6 @@ class AllocationTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.track(out, func)
-        elif isinstance(out, (tuple, list)):
-            for item in out:
-                if isinstance(item, torch.Tensor):
-                    self.track(item, func)
-                elif isinstance(item, (tuple, list)):  # foreach ops return lists
-                    for inner in item:
-                        if isinstance(inner, torch.Tensor):
-                            self.track(inner, func)
+        for tensor in returned_tensors(out):
+            self.track(tensor, func)
         return out
