@@ -62,7 +62,7 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
     from membench.results import write_result
     from membench.runner import measure
     from membench.summary import describe_config, headline, summarize
-    from membench.sweep import existing_result, position
+    from membench.sweep import existing_result
 
     run = to_run_config(cfg)
     if not run.force and (done := existing_result(run)) is not None:

@@ -28,6 +28,9 @@ OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 FAKE_DEVICES = ("auto", "cuda", "cpu")
+#: Method keys that only mean something with adapters; MethodConfig rejects them for kind=full,
+#: so sweeps and maxfit, which pair one command line with several methods, drop them there.
+ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:

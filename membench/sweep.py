@@ -17,7 +17,7 @@ from membench.config import RunConfig
 from membench.results import Result, ResultFileError, read_result
 
 DONE_STATES = ("ok", "oom")
-TOTAL_ENV = "MEMBENCH_SWEEP_TOTAL"  # set per job by hydra_plugins/membench_sweeper
+TOTAL_ENV = "MEMBENCH_SWEEP_TOTAL"  # the sweeper sets it per job (hydra.job.env_set); position() reads it
 
 
 def result_path(run: RunConfig) -> Path:

@@ -38,8 +38,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 
-TOTAL_ENV = "MEMBENCH_SWEEP_TOTAL"
-ADAPTER_ONLY = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
 
 
 @dataclass
@@ -99,6 +97,7 @@ class MembenchSweeper(BasicSweeper):
     def _triage(self, jobs: List[List[str]]) -> "tuple[List[List[str]], Counter]":
         """Validate every job, drop adapter keys for full fine-tuning, skip finished runs."""
         from membench.cli import to_run_config
+        from membench.config import ADAPTER_ONLY_KEYS
         from membench.errors import ConfigError
         from membench.sweep import existing_result
 
@@ -108,7 +107,7 @@ class MembenchSweeper(BasicSweeper):
         for number, overrides in enumerate(jobs, 1):
             config = self._task_config(overrides)
             if config.method.kind == "full":
-                kept = [o for o in overrides if _key(o) not in ADAPTER_ONLY]
+                kept = [o for o in overrides if _key(o) not in ADAPTER_ONLY_KEYS]
                 if kept != overrides:
                     overrides, config = kept, self._task_config(kept)
             try:
@@ -146,6 +145,8 @@ class MembenchSweeper(BasicSweeper):
             return []
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / "multirun.yaml")
+        from membench.sweep import TOTAL_ENV
+
         total = f"++hydra.job.env_set.{TOTAL_ENV}={len(jobs)}"
         size = self.max_batch_size or (1 if self._local_processes() else len(jobs))
         in_process = str(self.config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher")

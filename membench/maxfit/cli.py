@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 from omegaconf import DictConfig
 
-from membench.config import RunConfig
+from membench.config import ADAPTER_ONLY_KEYS, RunConfig
 from membench.errors import ConfigError
 from membench.maxfit.config import MaxFitConfig, register_maxfit_configs
 from membench.maxfit.files import _typed, write_maxfit
@@ -20,7 +20,6 @@ from membench.maxfit.search import search_backend
 from membench.maxfit.text import budget_label, markdown_table, sentences
 
 #: Method keys that only adapter methods accept (RunConfig rejects them for method.kind=full).
-ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
 NOTE = ("budget = the most max_memory_allocated may reach; the CUDA context, the allocator's "
         "reserve/fragmentation and a card's nominal-vs-usable gap are not included: leave that headroom.")
 

@@ -25,12 +25,19 @@ def _measured(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["status"].isin(["ok", "oom"]) & frame["peak_allocated_bytes"].notna()]
 
 
-def _key(frame: pd.DataFrame, columns) -> pd.Series:
+def row_key(frame: pd.DataFrame, columns) -> pd.Series:
+    """One string per row from ``columns`` (missing values as ∅): rows equal on them get equal keys."""
     parts = [frame[c].astype("string").fillna("∅") for c in columns]
     out = parts[0]
     for part in parts[1:]:
         out = out + "|" + part
     return out
+
+
+def default_knobs(frame: pd.DataFrame) -> pd.Series:
+    """Rows with the defaults: sdpa attention, no adapter dropout, PEFT's fp32 adapters (or no adapters)."""
+    return ((frame["attn_implementation"] == "sdpa") & (frame["lora_dropout"].fillna(0) == 0)
+            & (frame["adapter_dtype"].fillna("fp32") == "fp32"))
 
 
 def side_by_side(frame: pd.DataFrame) -> pd.DataFrame:
@@ -45,15 +52,15 @@ def side_by_side(frame: pd.DataFrame) -> pd.DataFrame:
     runs = _measured(frame).copy()
     if runs.empty:
         return pd.DataFrame()
-    runs["_setting"] = _key(runs, SETTING)
+    runs["_setting"] = row_key(runs, SETTING)
     adapters = runs[runs["kind"] != "full"]
     full = runs[runs["kind"] == "full"]
     base = adapters.drop_duplicates(["_setting", *ADAPTER])[[*SETTING, *ADAPTER, "_setting"]]
     if base.empty:  # only full fine-tuning: one row per workload
         base = full.drop_duplicates("_setting")[[*SETTING, "_setting"]].assign(**{c: None for c in ADAPTER})
     table = base.reset_index(drop=True)
-    table["_adapter"] = _key(table, ADAPTER)
-    runs["_adapter"] = _key(runs, ADAPTER)
+    table["_adapter"] = row_key(table, ADAPTER)
+    runs["_adapter"] = row_key(runs, ADAPTER)
     for method in [m for m in METHOD_ORDER if m in set(runs["method"])] + sorted(
             set(runs["method"]) - set(METHOD_ORDER)):
         subset = runs[runs["method"] == method]

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from membench.report.compare import GIB, side_by_side
+from membench.report.compare import GIB, default_knobs, side_by_side
 from membench.report.tables import METHOD_LABELS, headline_rows
 
 PARTS = (("weight_bytes", "weights"), ("gradient_bytes", "gradients"), ("optimizer_state_bytes", "optimizer state"),
@@ -25,8 +25,7 @@ COLORS = {"full": "tab:gray", "full_recompute": "silver", "lora": "tab:blue", "l
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
     runs = frame[frame["status"].isin(["ok", "oom"]) & frame["peak_allocated_bytes"].notna()]
-    plain = (runs["attn_implementation"] == "sdpa") & (runs["lora_dropout"].fillna(0) == 0) & (
-        runs["adapter_dtype"].fillna("fp32") == "fp32")
+    plain = default_knobs(runs)
     keep = []
     for _, group in runs.groupby("model", sort=False):
         mask = plain.loc[group.index]

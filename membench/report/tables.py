@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from membench.report.compare import GIB, gib, side_by_side, unit
+from membench.report.compare import GIB, default_knobs, gib, side_by_side, unit
 
 METHOD_LABELS = {"full": "full", "lora": "LoRA", "lora_fa": "LoRA-FA", "lora_recompute": "LoRA+recompute",
                  "lora_fa_recompute": "LoRA-FA+recompute", "full_recompute": "full+recompute"}
@@ -86,8 +86,7 @@ def headline_rows(frame: pd.DataFrame) -> pd.DataFrame:
     if table.empty or not all(c in table for c in needed):
         return pd.DataFrame()
     table = table.dropna(subset=needed)
-    plain = (table["attn_implementation"] == "sdpa") & (table["lora_dropout"].fillna(0) == 0) & (
-        table["adapter_dtype"] == "fp32")
+    plain = default_knobs(table)
     table = table[plain] if plain.any() else table
     picked = table.sort_values(["batch_size", "rank"]).groupby("model", sort=False).tail(1)
     return picked.sort_values("peak_full")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from membench.report.compare import side_by_side
+from membench.report.compare import row_key, side_by_side
 from membench.report.load import ADAPTER, SETTING
 from membench.report.tables import ratio, setting_label
 
@@ -71,7 +71,7 @@ def knob_effects(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for knob, label in KNOBS.items():
         others = [c for c in (*SETTING, *ADAPTER) if c != knob]
-        key = table[others].astype("string").fillna("∅").agg("|".join, axis=1)
+        key = row_key(table, others)
         for _, group in table.groupby(key):
             if group[knob].nunique(dropna=False) < 2:
                 continue

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from membench.attribution import AttributionError, compare, top_findings
-from membench.report.compare import GIB
+from membench.report.compare import GIB, default_knobs, row_key
 from membench.report.load import ADAPTER, SETTING
 from membench.results import read_result
 
@@ -21,10 +21,7 @@ def lora_pairs(frame: pd.DataFrame) -> list[tuple[str, dict, dict]]:
     runs = frame[frame["status"].isin(["ok", "oom"]) & frame["method"].isin(["lora", "lora_fa"])]
     if runs.empty:
         return []
-    key = [c for c in (*SETTING, *ADAPTER)]
-    runs = runs.assign(_key=runs[key].astype("string").fillna("∅").agg("|".join, axis=1),
-                       _plain=(runs["attn_implementation"] == "sdpa") & (runs["lora_dropout"].fillna(0) == 0)
-                       & (runs["adapter_dtype"] == "fp32"))
+    runs = runs.assign(_key=row_key(runs, (*SETTING, *ADAPTER)), _plain=default_knobs(runs))
     out = []
     for model, group in runs.groupby("model", sort=False):
         both = group.groupby("_key").filter(lambda g: set(g["method"]) == {"lora", "lora_fa"})
