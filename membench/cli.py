@@ -26,7 +26,7 @@ from membench.errors import ConfigError
 from membench.sweep import position
 
 EXPERIMENT = re.compile(r"^experiment=")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package: works from a wheel
 
 register_configs()
 # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps;

@@ -7,7 +7,7 @@ Schema (``schema_version`` 1)::
       "run_id": "roberta-large--lora_fa--r8--bs32-seq128--fp32--simulate-h100-80gb--1a2b3c4d",
       "config":  {...the full resolved RunConfig...},
       "status":  {"state": "ok" | "oom" | "error", "phase": null | "build" | "forward" | ..., "message": null | str},
-      "metrics": {...membench.measure.Metrics...},
+      "metrics": {...membench.step.Metrics...},
       "env":     {"backend", "device_name", "device_total_memory_bytes", "torch", "transformers",
                   "peft", "python", "git_sha", "git_dirty", "created_at", "wall_time_s", ...}
     }

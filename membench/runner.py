@@ -1,9 +1,9 @@
-"""One configuration, end to end: validate -> build model + method -> measured loop -> Result.
+"""One configuration, end to end: plan (validate) -> build model + method -> measured step -> Result.
 
 Every check that can fail on bad input runs before any real allocation: the
-config dataclasses, then :func:`plan` on a ``meta`` model. Failures after that
-(a CUDA OOM, a crash inside the model) become a Result with status ``oom`` or
-``error``; they never lose the run.
+config dataclasses, then :func:`membench.plan.plan` on a ``meta`` model. Failures
+after that (a CUDA OOM, a crash inside the model) become a Result with status
+``oom`` or ``error``; they never lose the run.
 """
 
 from __future__ import annotations
@@ -12,91 +12,22 @@ import contextlib
 import dataclasses
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
-from membench.backends import Backend, create_backend, resolve_name
+from membench.backends import Backend, create_backend
 from membench.config import RunConfig
-from membench.errors import ConfigError
-from membench.measure import MeasuredLoop, Metrics, Progress
+from membench.identity import backend_label, recorded_config
 from membench.methods import apply_method, autocast_dtype, weight_dtype
-from membench.models import build_model, default_excludes, default_targets, load_hf_config
+from membench.models import build_model
 from membench.optim import build_optimizer
-from membench.preflight import AdaptedLayer, adapted_layers, check_rank, check_sequence_length
+from membench.plan import Plan, plan
 from membench.results import Result, Status, provenance, run_id
+from membench.step import MeasuredLoop, Metrics, Progress
 from membench.workload import make_batch
-
-
-@dataclass
-class Plan:
-    """A validated run: what will be built, before anything is allocated.
-
-    ``meta_model`` is the model without its method, on ``meta``; it is used for
-    validation only, so a plan can be executed any number of times.
-    """
-
-    run: RunConfig
-    hf_config: PretrainedConfig
-    meta_model: nn.Module
-    targets: list[str]
-    excludes: list[str]
-    adapted: list[AdaptedLayer]
-
-
-def plan(run: RunConfig) -> Plan:
-    """Validate ``run`` against the model's shape, on a meta model (no memory).
-
-    Raises:
-        ConfigError: unknown model type, sequence too long, target matching
-            nothing, rank too large, a backend option the backend lacks.
-    """
-    resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
-    hf_config = load_hf_config(run.model)
-    check_sequence_length(run, hf_config)
-    try:
-        meta_model = build_model(run.model, hf_config, weight_dtype(run.train), "meta")
-    except (ValueError, TypeError, AttributeError) as error:
-        raise ConfigError(
-            f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path): {error}"
-        ) from error
-    targets, excludes, adapted = [], [], []
-    if run.method.uses_adapters:
-        targets = run.method.target_modules or default_targets(run.model, hf_config)
-        excludes = default_excludes(run.model, hf_config)
-        adapted = adapted_layers(meta_model, targets, excludes)
-        check_rank(run.method.rank, adapted)
-    return Plan(run, hf_config, meta_model, list(targets), list(excludes), adapted)
-
-
-def recorded_config(run: RunConfig, backend_name: str) -> dict:
-    """The config as stored in the result: resolved backend, no output-only fields."""
-    config = dataclasses.asdict(run)
-    config.pop("results_dir")
-    config.pop("force")
-    backend = config["backend"]
-    backend["name"] = backend_name
-    # Keep only the knobs that affect this backend, so they alone decide the run id.
-    irrelevant = {"cuda": ("device", "fake_device", "cuda_semantics"), "cpu": ("device", "fake_device")}
-    for key in irrelevant.get(backend_name, ()):
-        backend.pop(key)
-    if not backend.get("memory_snapshot"):
-        backend.pop("memory_snapshot", None)  # recorded only when on, so other runs keep their ids
-    return config
-
-
-def backend_label(run: RunConfig, backend_name: str) -> str:
-    return f"simulate-{run.backend.device}" if backend_name == "simulate" else backend_name
-
-
-def result_id(run: RunConfig) -> str:
-    """The run id (file stem) this config's result will have."""
-    name = resolve_name(run.backend)
-    return run_id(recorded_config(run, name), backend_label(run, name))
 
 
 def snapshot_path(run: RunConfig, the_run_id: str) -> Path:

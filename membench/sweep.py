@@ -21,7 +21,7 @@ TOTAL_ENV = "MEMBENCH_SWEEP_TOTAL"  # the sweeper sets it per job (hydra.job.env
 
 
 def result_path(run: RunConfig) -> Path:
-    from membench.runner import result_id
+    from membench.identity import result_id
 
     return Path(run.results_dir) / f"{result_id(run)}.json"
 

@@ -11,7 +11,7 @@ from membench.cli import to_run_config
 from membench.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+CONF = ROOT / "membench" / "conf"
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 METHODS = sorted(path.stem for path in (CONF / "method").glob("*.yaml"))
 TINY_MODELS = ["tiny-roberta", "tiny-t5", "tiny-llama"]

@@ -14,7 +14,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from membench.analytic import ActivationEstimate, TERMS, estimate, estimate_config, linear_stack_saved_bytes
-from membench.runner import measure, recorded_config
+from membench.identity import recorded_config
+from membench.runner import measure
 from membench.saved_tensors import SavedTensorCounter
 from tests.conftest import run_config, tiny
 

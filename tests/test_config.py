@@ -9,7 +9,8 @@ import membench.runner
 from conftest import METHODS, MODELS, TINY_MODELS, run_config, tiny
 from membench.config import RunConfig
 from membench.errors import ConfigError
-from membench.runner import measure, plan
+from membench.plan import plan
+from membench.runner import measure
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m != "custom"])

@@ -13,7 +13,8 @@ import torch
 from conftest import TINY_MODELS, tiny
 from membench.backends import create_backend
 from membench.allocator import allocator_bytes
-from membench.runner import build, measure, plan
+from membench.plan import plan
+from membench.runner import build, measure
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import tiny
 from membench.results import SCHEMA_VERSION, ResultFileError, read_result, write_result
-from membench.runner import measure, result_id
+from membench.identity import result_id
+from membench.runner import measure
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +75,13 @@ def test_corrupt_files_are_reported_by_name(tmp_path, content, expected):
 
 def test_error_inside_the_model_becomes_a_result(monkeypatch):
     """A crash in the step is recorded with its phase; nothing is raised or lost."""
-    import membench.measure
+    import membench.step
 
     def broken_step(self, *args, **kwargs):
         self.progress.phase = "backward"
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(membench.measure.MeasuredLoop, "step", broken_step)
+    monkeypatch.setattr(membench.step.MeasuredLoop, "step", broken_step)
     result = measure(tiny("tiny-llama", "lora", backend="cpu"))
     assert result.status.state == "error"
     assert result.status.phase == "backward"
@@ -93,13 +94,13 @@ def test_error_inside_the_model_becomes_a_result(monkeypatch):
     ids=["allocator", "bare-MemoryError"],
 )
 def test_cpu_out_of_memory_becomes_an_oom_result(monkeypatch, error):
-    import membench.measure
+    import membench.step
 
     def oom_step(self, *args, **kwargs):
         self.progress.phase = "forward"
         raise error
 
-    monkeypatch.setattr(membench.measure.MeasuredLoop, "step", oom_step)
+    monkeypatch.setattr(membench.step.MeasuredLoop, "step", oom_step)
     result = measure(tiny("tiny-llama", "lora", backend="cpu"))
     assert (result.status.state, result.status.phase) == ("oom", "forward")
     assert type(error).__name__ in result.status.message

@@ -19,7 +19,9 @@ from conftest import TINY_MODELS, run_config, tiny
 from membench.backends.cuda import SNAPSHOT_MAX_ENTRIES, CudaBackend
 from membench.errors import ConfigError
 from membench.results import write_result
-from membench.runner import execute, measure, plan, recorded_config, result_id
+from membench.identity import recorded_config, result_id
+from membench.plan import plan
+from membench.runner import execute, measure
 
 GiB = 1 << 30
 
@@ -94,13 +96,13 @@ def test_cuda_attribution_matches_the_allocator_model(gpu, model, method):
 
 def test_snapshot_is_written_on_oom(gpu, tmp_path, monkeypatch):
     """An OOM is when the snapshot matters most: it is still dumped, and recording still stops."""
-    import membench.measure
+    import membench.step
 
     def oom_step(self, *args, **kwargs):
         self.progress.phase = "backward"
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(membench.measure.MeasuredLoop, "step", oom_step)
+    monkeypatch.setattr(membench.step.MeasuredLoop, "step", oom_step)
     run = tiny("tiny-llama", "lora", "backend.memory_snapshot=true", f"results_dir={tmp_path}", backend="cuda")
     result = execute(plan(run), pretend_cuda_backend())
     assert (result.status.state, result.status.phase) == ("oom", "backward")

@@ -92,11 +92,11 @@ def test_an_interrupted_sweep_loses_nothing_and_resumes(tmp_path):
 
 
 def test_every_experiment_composes_and_its_first_line_runs_it(tmp_path):
-    experiments = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    experiments = sorted(p.stem for p in (ROOT / "membench" / "conf" / "experiment").glob("*.yaml"))
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     listings = {}
     for name in experiments:  # all at once: each is a process that composes every job and runs none
-        first_line = (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text().splitlines()[0]
+        first_line = (ROOT / "membench" / "conf" / "experiment" / f"{name}.yaml").read_text().splitlines()[0]
         assert first_line == f"# membench -m experiment={name}"
         listings[name] = subprocess.Popen([MEMBENCH, "-m", f"experiment={name}", "hydra.sweeper.dry_run=true"],
                                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -19,13 +19,13 @@ FAMILIES = {"roberta": _roberta, "llama": _llama, "mistral": _llama, "qwen2": _l
 def estimate(run: RunConfig) -> ActivationEstimate:
     """Predict ``saved_tensor_bytes`` and ``activation_bytes`` of ``run`` from its architecture.
 
-    Builds only a ``meta`` model (through :func:`membench.runner.plan`) to learn the adapted layers.
+    Builds only a ``meta`` model (through :func:`membench.plan.plan`) to learn the adapted layers.
 
     Raises:
         ConfigError: the configuration is invalid (as ``membench`` would reject it).
         NotImplementedError: a model family with no analytic walk here.
     """
-    from membench.runner import plan  # the runner imports torch/transformers/peft; keep this module light
+    from membench.plan import plan  # imports torch/transformers/peft; keep this module light
 
     the_plan = plan(run)
     config = the_plan.hf_config

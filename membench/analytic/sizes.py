@@ -8,7 +8,6 @@ from membench.config import RunConfig
 
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16-autocast": 4}
 FP32, BF16, BOOL, INT64 = 4, 2, 1, 8
-FLASH_MAX_HEAD_DIM = 256
 LORA_FA_DEFAULT_RANK = 8  # conf/method/lora_fa.yaml: the rank a full run's LoRA-FA minimum assumes
 
 

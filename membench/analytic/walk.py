@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from membench.allocator import allocator_bytes
-from membench.analytic.sizes import BF16, BOOL, FLASH_MAX_HEAD_DIM, FP32, ITEMSIZE, _Dims
+from membench.attention import sdpa_kernel
+from membench.analytic.sizes import BF16, BOOL, FP32, ITEMSIZE, _Dims
 from membench.analytic.terms import TERMS, ActivationEstimate
 from membench.config import RunConfig
 
@@ -169,14 +170,9 @@ class _Walk:
 
     # -- attention ----------------------------------------------------------------------------
     def kernel(self, dtype_size: int, mask: bool, grouped: bool) -> str:
-        """CUDA's SDPA kernel choice (see membench.backends.cuda_semantics.cuda_attention_kernel)."""
-        d = self.d.head_dim
-        if dtype_size == BF16 and not mask and d <= FLASH_MAX_HEAD_DIM:
-            return "flash"
-        alignment = 4 if dtype_size == FP32 else 8
-        if not grouped and d % alignment == 0:
-            return "efficient"
-        return "math"
+        """CUDA's SDPA kernel choice for this head dimension (:func:`membench.attention.sdpa_kernel`)."""
+        return sdpa_kernel(half_precision=dtype_size == BF16, head_dim=self.d.head_dim, has_mask=mask,
+                           grouped=grouped)
 
     def sdpa(self, q: _T, k: _T, v: _T, sq: int, skv: int, kv_heads: int, mask: Optional[_T] = None,
              dropout: float = 0.0) -> _T:

@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-from membench.backends.tracked import TrackedBackend
+from membench.backends.tracker import TrackedBackend
 
 
 class CpuBackend(TrackedBackend):

@@ -30,33 +30,23 @@ import math
 import torch
 import torch.nn.functional as F
 
+from membench.attention import sdpa_kernel
+
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
-EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FLASH_MAX_HEAD_DIM = 256
 
 
 def cuda_attention_kernel(query, key, value, attn_mask, enable_gqa) -> str:
-    """The SDPA kernel CUDA picks (sm80+), by the rules of torch's ``select_sdp_backend``.
-
-    flash: fp16/bf16, no mask, head dim <= 256; handles grouped-query attention natively.
-    efficient: fp16/bf16/fp32, masks allowed, head dim a multiple of 8 (4 in fp32),
-    but no grouped-query attention.
-    math: everything else; materialises the S x S probabilities. That includes any
-    input or mask whose last dimension is not contiguous: every fused CUDA kernel
-    requires stride 1 there (``check_last_dim_stride_equals_1_dense``), the CPU ones do not.
-    """
+    """The SDPA kernel CUDA picks for these tensors (:func:`membench.attention.sdpa_kernel`)."""
     inputs_strided = any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (query, key, value))
     mask_strided = attn_mask is not None and attn_mask.stride(-1) != 1
-    if inputs_strided or mask_strided:
-        return "math"
-    head_dim = query.shape[-1]
-    if query.dtype in FLASH_DTYPES and attn_mask is None and head_dim <= FLASH_MAX_HEAD_DIM:
-        return "flash"
-    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
-    alignment = 4 if query.dtype == torch.float32 else 8
-    if query.dtype in EFFICIENT_DTYPES and not grouped and head_dim % alignment == 0:
-        return "efficient"
-    return "math"
+    return sdpa_kernel(
+        half_precision=query.dtype in FLASH_DTYPES,
+        head_dim=query.shape[-1],
+        has_mask=attn_mask is not None,
+        grouped=enable_gqa and key.shape[-3] != query.shape[-3],
+        last_dim_strided=inputs_strided or mask_strided,
+        fused_dtype=query.dtype in (*FLASH_DTYPES, torch.float32),
+    )
 
 
 def _additive(attn_mask, dtype):

@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from membench.devices import DeviceProfile
-from membench.backends.tracked import TrackedBackend
+from membench.backends.tracker import TrackedBackend
 from membench.errors import ConfigError
 
 GiB = 1 << 30

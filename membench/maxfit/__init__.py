@@ -73,7 +73,8 @@ from membench.maxfit.rows import COLUMNS, INT_COLUMNS, cuda_available_or_raise, 
 from membench.maxfit.files import KIND, SCHEMA_VERSION, load_maxfit, write_maxfit
 from membench.maxfit.files import _typed as _typed  # private, but the tests type frames with it
 from membench.maxfit.cli import ADAPTER_ONLY_KEYS, NOTE, main, method_runs, run_maxfit
-from membench.runner import execute, plan  # probes call membench.maxfit.execute (replaceable in tests)
+from membench.plan import plan
+from membench.runner import execute  # probes call membench.maxfit.execute (replaceable in tests)
 
 __all__ = [
     "ADAPTER_ONLY_KEYS", "COLUMNS", "DIMENSIONS", "GROUP", "INT_COLUMNS", "KIND", "LIMITS", "NOTE", "NOUN",

@@ -11,7 +11,8 @@ from membench.config import RunConfig
 from membench.errors import ConfigError
 from membench.preflight import check_sequence_length
 from membench.results import Result
-from membench.runner import Plan, result_id
+from membench.identity import result_id
+from membench.plan import Plan
 
 
 def _execute(the_plan: Plan) -> Result:
@@ -51,7 +52,7 @@ class Prober:
     """Runs the probes of one method (one Plan), caching them by run id.
 
     Args:
-        the_plan: The validated base run (from :func:`membench.runner.plan`).
+        the_plan: The validated base run (from :func:`membench.plan.plan`).
         backend: Backend name to probe on (``simulate``, ``cpu`` or ``cuda``); None keeps
             the plan's ``backend.name``.
     """

@@ -12,7 +12,8 @@ from membench.maxfit.probe import Prober
 from membench.maxfit.search import Finding, find_max_fit, search_backend
 from membench.maxfit.text import budget_label, fit_text
 from membench.results import provenance
-from membench.runner import plan, result_id
+from membench.identity import result_id
+from membench.plan import plan
 
 #: Row fields, in the order of the CSV's columns.
 COLUMNS = [
@@ -65,7 +66,7 @@ def maxfit_rows(runs: Sequence[RunConfig], dimensions: Sequence[str], budgets_by
     """One row per method (``runs``, one RunConfig each) x dimension x budget.
 
     Everything that can fail on bad input is checked before the first probe: dimensions,
-    budgets, each run's :func:`membench.runner.plan`, and a GPU when ``verify_on_cuda``.
+    budgets, each run's :func:`membench.plan.plan`, and a GPU when ``verify_on_cuda``.
     """
     check_dimensions(dimensions)
     check_budgets(budgets_bytes)

@@ -15,7 +15,7 @@ from membench.config import RunConfig, check_positive
 from membench.maxfit.config import check_budgets, check_dimensions
 from membench.maxfit.probe import Probe, Prober
 from membench.models import max_sequence_length
-from membench.runner import plan
+from membench.plan import plan
 
 LIMITS = ("memory", "model_max_length", "search_cap", "error")
 
@@ -144,12 +144,12 @@ def find_max_fit(run: RunConfig, dimension: str, budgets_bytes: Sequence[int], *
 
     The other workload dimension stays at ``run``'s value; ``run.workload.<dimension>`` is
     only the second starting point of the search. ``backend.name=auto`` searches with
-    ``simulate``. Pass a shared ``prober`` (built from :func:`membench.runner.plan`) to reuse
+    ``simulate``. Pass a shared ``prober`` (built from :func:`membench.plan.plan`) to reuse
     probes across calls.
 
     Raises:
         ConfigError: unknown dimension, a budget that is not a positive number, or a run
-            that fails :func:`membench.runner.plan` (before any probe).
+            that fails :func:`membench.plan.plan` (before any probe).
     """
     check_dimensions([dimension])
     check_budgets(budgets_bytes)

@@ -70,7 +70,7 @@ def _reference_ids() -> tuple[tuple[str, str, str, str], ...]:
     from hydra import compose, initialize_config_dir
 
     from membench.cli import CONF_DIR, to_run_config
-    from membench.runner import result_id
+    from membench.identity import result_id
 
     lines = [line for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
     out = []
