@@ -31,7 +31,7 @@ class DeviceProfile:
             a predicted peak above it is recorded as status ``oom``.
         runtime_overhead_bytes: Allocator bytes held by cuBLAS workspaces.
         measured: True when the capacity was read off a real card; False when
-            it is the nominal size (the marketing GiB).
+            it is derived (the nominal size, or another tool's report of the card).
     """
 
     key: str
@@ -54,6 +54,26 @@ H100 = DeviceProfile(
 )
 
 
+# Derived, not measured (no H200 has run membench yet; membench-gpucheck records the real figure
+# in summary.json, ``device.total_memory_bytes``, so a later session can replace this one).
+# The measured H100 capacity above is exactly nvidia-smi's total for that card, 81,559 MiB
+# x 2**20 B: the driver and torch agree on the card's size there. Public nvidia-smi listings of
+# the H200 (SXM, 141 GB HBM3e; driver 570) show 143,771 MiB total, and public NVML/inventory dumps
+# give memoryTotal = 150,754,820,096 B, the same number in bytes. So: 143,771 MiB x 2**20 B.
+# Caveat: some drivers/clouds leave driver-reserved memory out of what torch reports; a public
+# torch print of an H200 reads total_memory=143156MB (615 MiB less), as public H100 prints read
+# 81082-81090 MB against this project's 81,559 MiB. The H200 is sm90 (Hopper), so PyTorch gives it
+# the same 32 MiB cuBLAS workspace per handle as the H100.
+H200_NVIDIA_SMI_TOTAL_MIB = 143_771
+H200 = DeviceProfile(
+    key="h200-141gb",
+    name="NVIDIA H200",
+    total_memory_bytes=H200_NVIDIA_SMI_TOTAL_MIB * MiB,  # 150,754,820,096 B = 140.4 GiB
+    runtime_overhead_bytes=TRAINING_THREADS * HOPPER_CUBLAS_WORKSPACE,
+    measured=False,
+)
+
+
 def generic(gibibytes: int) -> DeviceProfile:
     """A nominal card of ``gibibytes`` GiB with pre-Hopper cuBLAS workspaces (budget planning)."""
     return DeviceProfile(
@@ -65,4 +85,4 @@ def generic(gibibytes: int) -> DeviceProfile:
     )
 
 
-DEVICES: dict[str, DeviceProfile] = {profile.key: profile for profile in (H100, generic(80), generic(40), generic(24))}
+DEVICES: dict[str, DeviceProfile] = {profile.key: profile for profile in (H100, H200, generic(80), generic(40), generic(24))}
