@@ -59,6 +59,7 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
     Returns:
         (state, line): ``ok``/``oom``/``error``/``skipped`` and the progress line printed for it.
     """
+    from membench.files import check_writable_dir
     from membench.results import write_result
     from membench.runner import measure
     from membench.summary import describe_config, headline, summarize
@@ -70,6 +71,7 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
                 f"skipped; force=true re-measures")
         print(line, flush=True)
         return "skipped", line
+    check_writable_dir(run.results_dir, key="results_dir")  # before minutes of measuring, not after
     result = measure(run)
     path = write_result(result, run.results_dir)
     line = f"{position(number)}{headline(result)}"

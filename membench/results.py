@@ -9,23 +9,26 @@ Schema (``schema_version`` 1)::
       "status":  {"state": "ok" | "oom" | "error", "phase": null | "build" | "forward" | ..., "message": null | str},
       "metrics": {...membench.step.Metrics...},
       "env":     {"backend", "device_name", "device_total_memory_bytes", "torch", "transformers",
-                  "peft", "python", "git_sha", "git_dirty", "created_at", "wall_time_s", ...}
+                  "peft", "python", "membench_version", "git_sha", "git_dirty", "created_at",
+                  "wall_time_s", ...}
     }
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import platform
+import re
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
+
+from membench.files import write_atomic
+from membench.identity import config_digest, run_id  # noqa: F401 - their old home; runner imports run_id here
 
 SCHEMA_VERSION = 1
 STATES = ("ok", "oom", "error")
@@ -72,20 +75,15 @@ class Result:
 
 
 def write_result(result: Result, directory: str | Path) -> Path:
-    """Write ``result`` to ``directory/<run_id>.json`` atomically (temp file + rename).
+    """Write ``result`` to ``directory/<run_id>.json`` atomically (see :func:`membench.files.write_atomic`).
 
-    A run killed mid-write leaves the previous file or none, never half a file.
+    A run killed mid-write leaves the previous file or none, never half a file; the file is
+    readable as any file ``open()`` creates (0644 under umask 022).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{result.run_id}.json"
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tmp-", suffix=".json", delete=False) as handle:
-        json.dump(result.to_dict(), handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
-    return path
+    text = json.dumps(result.to_dict(), indent=2, sort_keys=False) + "\n"
+    return write_atomic(directory / f"{result.run_id}.json", text)
 
 
 def read_result(path: str | Path) -> Result:
@@ -104,50 +102,99 @@ def read_result(path: str | Path) -> Result:
         raise ResultFileError(f"{path}: {exc}") from exc
 
 
-def config_digest(config: dict[str, Any]) -> str:
-    """Short stable hash of a resolved config: equal configs give equal run ids."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+#: The folder of the membench package that is running (``membench/``).
+PACKAGE_DIR = Path(__file__).resolve().parent
+DISTRIBUTION = "membench"
+#: ``name = "membench"`` inside pyproject.toml's ``[project]`` table (a regex: tomllib is 3.11+).
+PROJECT_NAME = re.compile(r"^\[project\]\s*$(?:\n(?!\[).*)*?\n\s*name\s*=\s*[\"']membench[\"']", re.MULTILINE)
 
 
-def run_id(config: dict[str, Any], backend_label: str) -> str:
-    """Readable, unique file stem: model--method--shape--precision--backend--hash."""
-    method = config["method"]
-    workload = config["workload"]
-    label = method["name"]
-    if method["kind"] != "full":
-        label += f"--r{method['rank']}"
-    shape = f"bs{workload['batch_size']}-seq{workload['seq_len']}"
-    if workload.get("target_len"):
-        shape += f"-tgt{workload['target_len']}"
-    parts = [config["model"]["name"], label, shape, config["train"]["precision"], backend_label, config_digest(config)]
-    return "--".join(parts)
-
-
-def _git(*args: str) -> Optional[str]:
-    source = Path(__file__).resolve().parent
+def _git(*args: str, cwd: Path) -> Optional[str]:
     try:
-        out = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def source_checkout(package_dir: Path = PACKAGE_DIR) -> Optional[Path]:
+    """The top of the git checkout that holds the running membench source, if it runs from one.
+
+    A venv living inside some other repository also has a git top level above the
+    installed package; that one is not membench's, so the top level counts only when it
+    holds membench's ``pyproject.toml`` and its ``membench/`` folder is ``package_dir``.
+    """
+    top = _git("rev-parse", "--show-toplevel", cwd=package_dir)
+    if top is None:
+        return None
+    top_dir = Path(top).resolve()
+    try:
+        pyproject = (top_dir / "pyproject.toml").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not PROJECT_NAME.search(pyproject) or (top_dir / "membench").resolve() != package_dir:
+        return None
+    return top_dir
+
+
+def installed_source(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
+    """Version and commit of the installed ``membench`` distribution, when it is the running package.
+
+    Returns:
+        ``membench_version`` (None when no distribution or another copy's), ``git_sha`` (the
+        commit ``pip install git+...`` recorded in ``direct_url.json``, else None) and
+        ``git_dirty`` (False for such a commit: pip installed it as committed; else None).
+    """
+    unknown = {"membench_version": None, "git_sha": None, "git_dirty": None}
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return unknown
+    # Metadata found on sys.path may belong to another membench than the one running.
+    if Path(str(dist.locate_file("membench"))).resolve() != package_dir:
+        return unknown
+    commit = None
+    try:
+        direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+        commit = direct_url.get("vcs_info", {}).get("commit_id")
+    except (ValueError, AttributeError):
+        pass  # a malformed direct_url.json: version only
+    return {"membench_version": dist.version, "git_sha": commit, "git_dirty": False if commit else None}
+
+
+def source_provenance(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
+    """Which membench source produced a result: version, commit and whether it had local changes.
+
+    From git when membench runs from its own checkout, else from the installed
+    distribution's metadata (see :func:`installed_source`).
+    """
+    installed = installed_source(package_dir)
+    top = source_checkout(package_dir)
+    if top is None:
+        return installed
+    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=top)
+    version = installed["membench_version"]
+    if version is None:  # an editable install's metadata lives elsewhere: still this checkout's version
+        try:
+            version = metadata.version(DISTRIBUTION)
+        except metadata.PackageNotFoundError:
+            version = None
+    return {"membench_version": version, "git_sha": _git("rev-parse", "HEAD", cwd=top),
+            "git_dirty": None if dirty is None else bool(dirty)}
+
+
 def provenance() -> dict[str, Any]:
-    """Package versions and the git state of the membench source that produced a result."""
+    """Package versions and the membench source (version, git state) that produced a result."""
     import peft
     import torch
     import transformers
 
-    sha = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_sha": sha,
-        "git_dirty": None if dirty is None else bool(dirty),
+        **source_provenance(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

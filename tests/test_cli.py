@@ -56,3 +56,23 @@ def test_config_dir_adds_a_users_model(tmp_path):
                     "workload.seq_len=8", "backend.name=cpu", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "my-decoder lora_fa" in done.stdout
+
+
+def test_unwritable_results_dir_fails_before_measuring(tmp_path):
+    (tmp_path / "afile").write_text("")  # a folder under a regular file cannot be created, even by root
+    done = membench("model=tiny-llama", "workload.batch_size=2", "workload.seq_len=16", "backend.name=simulate",
+                    f"results_dir={tmp_path}/afile/runs", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"membench: error: results_dir='{tmp_path}/afile/runs' is not a folder membench can write to" \
+        in done.stderr
+    assert "Traceback" not in done.stderr and "peak" not in done.stdout  # nothing was measured
+
+
+def test_unwritable_maxfit_output_fails_before_searching(tmp_path):
+    (tmp_path / "afile").write_text("")
+    done = subprocess.run([str(Path(MEMBENCH).with_name("membench-maxfit")), "model=tiny-llama",
+                           f"maxfit.output={tmp_path}/afile/maxfit"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert f"membench-maxfit: error: maxfit.output='{tmp_path}/afile/maxfit' is not a folder" in done.stderr
+    assert "searching" not in done.stdout  # failed before the first probe

@@ -1,15 +1,28 @@
-"""Result files: schema, round trip, atomic writes, corrupt files reported by name."""
+"""Result files: schema, round trip, atomic writes and their mode, run identity, provenance, corrupt files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import tiny
+import membench.files
+import membench.results
+from conftest import ROOT, tiny
+from membench.config import MethodConfig, RunConfig
+from membench.errors import ConfigError
+from membench.files import check_writable_dir, write_atomic
+from membench.identity import recorded_config, recorded_run_id, result_id
 from membench.results import SCHEMA_VERSION, ResultFileError, read_result, write_result
-from membench.identity import result_id
 from membench.runner import measure
+
+#: Every result committed to the repository: their names must survive any change to the identity rules.
+COMMITTED = sorted(ROOT.glob("results/*/runs/*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +42,8 @@ def test_sections_and_provenance(result, tmp_path):
     assert data["schema_version"] == SCHEMA_VERSION
     assert set(data) == {"schema_version", "run_id", "config", "status", "metrics", "env"}
     assert data["status"] == {"state": "ok", "phase": None, "message": None}
-    for key in ("backend", "device_name", "torch", "transformers", "peft", "git_sha", "git_dirty", "created_at"):
+    for key in ("backend", "device_name", "torch", "transformers", "peft", "membench_version", "git_sha", "git_dirty",
+                "created_at"):
         assert key in data["env"]
     assert data["config"]["backend"]["name"] == "simulate"  # resolved, never "auto"
     assert data["config"]["method"]["target_modules"] is None  # as asked: the family default...
@@ -53,6 +67,160 @@ def test_run_id_is_predictable_and_distinct(result):
     assert result_id(run) == result.run_id
     assert result_id(tiny("tiny-llama", "lora_fa", "method.rank=4", backend="simulate")) != result.run_id
     assert result.run_id.startswith("tiny-llama--lora_fa--r8--bs2-seq16--fp32--simulate-h100-80gb--")
+
+
+def test_run_id_is_recomputed_from_a_result_files_config(result):
+    assert recorded_run_id(result.config) == result.run_id == result_id(tiny("tiny-llama", "lora_fa",
+                                                                             backend="simulate"))
+
+
+def test_every_committed_result_keeps_its_name():
+    """Identity rules may grow, never rename: each committed file's config still hashes to its name."""
+    assert len(COMMITTED) > 100  # results/paper and results/validate were found
+    renamed = []
+    for path in COMMITTED:
+        data = json.loads(path.read_text())
+        if not recorded_run_id(data["config"]) == data["run_id"] == path.stem:
+            renamed.append(path.relative_to(ROOT).as_posix())
+    assert renamed == []
+
+
+# A field added later, with a default: (the schema holding it, the same schema with a non-default value).
+def _with_new_method_field(run: RunConfig, value: bool) -> RunConfig:
+    extended = dataclasses.make_dataclass("ExtendedMethod", [("fused_adapters", bool, False)],
+                                          bases=(MethodConfig,))
+    return dataclasses.replace(run, method=extended(**dataclasses.asdict(run.method), fused_adapters=value))
+
+
+def _with_new_section(run: RunConfig, value: bool) -> RunConfig:
+    data = dataclasses.make_dataclass("DataConfig", [("packed", bool, False), ("source", str, "random")])
+    extended = dataclasses.make_dataclass("ExtendedRun", [("data", data, dataclasses.field(default_factory=data))],
+                                          bases=(RunConfig,))
+    fields = {field.name: getattr(run, field.name) for field in dataclasses.fields(RunConfig)}
+    return extended(**fields, data=data(packed=value))
+
+
+@pytest.mark.parametrize(("extend", "section", "key"), [(_with_new_method_field, "method", "fused_adapters"),
+                                                      (_with_new_section, "data", "packed")],
+                         ids=["method-field", "new-section"])
+def test_a_new_field_with_its_default_renames_nothing(extend, section, key):
+    run = tiny("tiny-llama", "lora_fa", backend="simulate")
+    at_default, changed = extend(run, False), extend(run, True)
+    assert result_id(at_default) == result_id(run)
+    assert result_id(changed) != result_id(run)  # a run that sets it is a different run
+    assert recorded_config(at_default, "simulate")[section][key] is False  # still recorded, default or not
+
+
+def test_result_file_has_the_mode_open_would_give(result, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_result(result, tmp_path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o027)
+        assert stat.S_IMODE(write_atomic(tmp_path / "other.json", "{}").stat().st_mode) == 0o640  # follows umask
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch, failing):
+    path = tmp_path / "run.json"
+    path.write_text("old")
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(membench.files.os, failing, broken)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    assert path.read_text() == "old"
+
+
+def test_writable_dir_is_created(tmp_path):
+    assert check_writable_dir(tmp_path / "a" / "runs") == tmp_path / "a" / "runs"
+    assert (tmp_path / "a" / "runs").is_dir() and list((tmp_path / "a" / "runs").iterdir()) == []  # probe gone
+
+
+def test_unwritable_dir_is_a_config_error(tmp_path):
+    (tmp_path / "afile").write_text("")  # a path through a regular file fails even for root
+    with pytest.raises(ConfigError) as error:
+        check_writable_dir(tmp_path / "afile" / "runs", key="maxfit.output")
+    message = str(error.value)
+    assert f"maxfit.output='{tmp_path / 'afile' / 'runs'}'" in message
+    assert "Not a directory" in message and "a folder you may create and write to" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_read_only_dir_is_a_config_error(tmp_path):
+    tmp_path.joinpath("ro").mkdir(mode=0o555)
+    with pytest.raises(ConfigError, match="results_dir=.*Permission denied"):
+        check_writable_dir(tmp_path / "ro")
+
+
+# -- provenance: membench's own source, from git in its checkout, else from the installed distribution --------
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _repository(top: Path, project: str) -> Path:
+    """A git repository at ``top`` whose pyproject names ``project``, holding a ``membench/`` folder."""
+    (top / "membench").mkdir(parents=True)
+    (top / "pyproject.toml").write_text(f'[build-system]\nrequires = []\n\n[project]\nname = "{project}"\n')
+    _git("init", "--quiet", cwd=top)
+    return top / "membench"
+
+
+class FakeDistribution:
+    """What ``importlib.metadata`` gives for an installed membench."""
+
+    def __init__(self, site: Path, direct_url: dict | None, version: str = "9.8.7"):
+        self.site, self.direct_url, self.version = site, direct_url, version
+
+    def locate_file(self, name: str) -> Path:
+        return self.site / name
+
+    def read_text(self, name: str) -> str | None:
+        return json.dumps(self.direct_url) if name == "direct_url.json" and self.direct_url is not None else None
+
+
+def test_provenance_in_this_checkout_is_its_git_state():
+    source = membench.results.source_provenance()
+    assert source["git_sha"] == _git("rev-parse", "HEAD", cwd=ROOT)
+    assert isinstance(source["git_dirty"], bool)
+    assert source["membench_version"] is not None
+
+
+def test_a_checkout_counts_only_when_it_is_membenchs_own(tmp_path):
+    package = _repository(tmp_path / "membench-checkout", "membench")
+    assert membench.results.source_checkout(package) == (tmp_path / "membench-checkout").resolve()
+    # A venv inside another project's repository, or even inside a membench checkout, is not that checkout.
+    other = _repository(tmp_path / "other-project", "other-project")
+    assert membench.results.source_checkout(other) is None
+    venv_package = tmp_path / "membench-checkout" / ".venv" / "site-packages" / "membench"
+    venv_package.mkdir(parents=True)
+    assert membench.results.source_checkout(venv_package) is None
+
+
+@pytest.mark.parametrize(("direct_url", "expected"), [
+    ({"url": "https://example.org/membench.git", "vcs_info": {"vcs": "git", "commit_id": "c0ffee" * 6 + "c0ff"}},
+     {"membench_version": "9.8.7", "git_sha": "c0ffee" * 6 + "c0ff", "git_dirty": False}),
+    (None, {"membench_version": "9.8.7", "git_sha": None, "git_dirty": None}),  # from a wheel or an sdist
+], ids=["pip-install-git", "wheel"])
+def test_installed_membench_inside_another_repository(tmp_path, monkeypatch, direct_url, expected):
+    _repository(tmp_path / "other-project", "other-project")
+    site = tmp_path / "other-project" / ".venv" / "site-packages"
+    (site / "membench").mkdir(parents=True)
+    monkeypatch.setattr(membench.results.metadata, "distribution", lambda name: FakeDistribution(site, direct_url))
+    assert membench.results.source_provenance(site / "membench") == expected
+
+
+def test_another_copys_metadata_is_not_used(tmp_path, monkeypatch):
+    (tmp_path / "running" / "membench").mkdir(parents=True)
+    monkeypatch.setattr(membench.results.metadata, "distribution",
+                        lambda name: FakeDistribution(tmp_path / "elsewhere", {"vcs_info": {"commit_id": "abc"}}))
+    assert membench.results.source_provenance(tmp_path / "running" / "membench") == \
+        {"membench_version": None, "git_sha": None, "git_dirty": None}
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from membench.config import ADAPTER_ONLY_KEYS, RunConfig
 from membench.errors import ConfigError
+from membench.files import check_writable_dir
 from membench.maxfit.config import MaxFitConfig, register_maxfit_configs
 from membench.maxfit.files import _typed, write_maxfit
 from membench.maxfit.rows import cuda_available_or_raise, maxfit_rows
@@ -65,6 +66,7 @@ def run_maxfit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[...,
     runs = method_runs(settings.methods, overrides, compose, available_methods)
     if settings.verify:
         cuda_available_or_raise()
+    check_writable_dir(settings.output, key="maxfit.output")  # the search takes minutes; fail before it
     started = time.perf_counter()
     print(f"membench-maxfit: {runs[0].model.name}, methods {', '.join(r.method.name for r in runs)}; "
           f"budgets {', '.join(budget_label(b) for b in budgets)}; searching with {search_backend(runs[0])}",

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
+from membench.files import write_atomic
+from membench.identity import config_digest
 from membench.maxfit.rows import COLUMNS, INT_COLUMNS
-from membench.results import config_digest
 
 SCHEMA_VERSION = 1
 KIND = "membench-maxfit"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", suffix=path.suffix, delete=False,
-                                     newline="") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(handle.name, 0o666 & ~umask)  # a temp file is private; the result is an ordinary file
-    os.replace(handle.name, path)
 
 
 def write_maxfit(rows: list[dict[str, Any]], directory: str | Path, settings: dict[str, Any]) -> tuple[Path, Path]:
@@ -44,9 +31,9 @@ def write_maxfit(rows: list[dict[str, Any]], directory: str | Path, settings: di
                       config_digest(settings)])
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     document = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings, "rows": rows}
-    _atomic_write(json_path, lambda handle: (json.dump(document, handle, indent=2), handle.write("\n")))
+    write_atomic(json_path, json.dumps(document, indent=2) + "\n")
     frame = _typed(pd.DataFrame(rows, columns=COLUMNS))  # nullable integers: 512, not 512.0
-    _atomic_write(csv_path, lambda handle: frame.to_csv(handle, index=False))
+    write_atomic(csv_path, frame.to_csv(index=False))
     return json_path, csv_path
 
 

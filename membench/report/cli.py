@@ -9,9 +9,7 @@ Corrupt or foreign JSON files are named on stderr and skipped.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +17,7 @@ import pandas as pd
 
 matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
+from membench.files import write_atomic
 from membench.report import closed_form, figures, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
@@ -35,13 +34,6 @@ def default_output(paths: list[Path]) -> Path:
     if first.is_file():
         return first.parent / "report"
     return (first.parent if first.name == "runs" else first) / "report"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a report interrupted mid-write leaves the old file or the new one."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def verdict_markdown(frame: pd.DataFrame) -> str:
@@ -75,8 +67,8 @@ def write_validation(frame: pd.DataFrame, out: Path) -> list[Path]:
     if not reference.empty:
         text += ["## Against the H100 reference measurements\n", markdown(reference)]
         tex.append(latex(reference, "Simulated vs the H100 reference peaks", "tab:reference"))
-    write_text(out / "validation.md", "\n".join(text))
-    write_text(out / "validation.tex", "\n".join(tex))
+    write_atomic(out / "validation.md", "\n".join(text))
+    write_atomic(out / "validation.tex", "\n".join(tex))
     return [out / "validation.md", out / "validation.tex"]
 
 
@@ -89,8 +81,8 @@ def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
     text = ["# Closed-form activation count vs measured\n", closed_form.summary(table) + "\n",
             "\"LoRA-FA minimum\" is what must be kept without recomputation (membench/analytic/).\n",
             markdown(shown)]
-    write_text(out / "analytic.md", "\n".join(text))
-    write_text(out / "analytic.tex", latex(shown, "Analytic vs measured saved-tensor bytes", "tab:analytic"))
+    write_atomic(out / "analytic.md", "\n".join(text))
+    write_atomic(out / "analytic.tex", latex(shown, "Analytic vs measured saved-tensor bytes", "tab:analytic"))
     return [out / "analytic.md", out / "analytic.tex"]
 
 
@@ -107,7 +99,7 @@ def write_maxfit(directory: Path | None, out: Path) -> list[Path]:
             "Largest batch size (sequence fixed) and largest sequence length (batch fixed) whose simulated "
             "`max_memory_allocated` stays within each budget (membench-maxfit).\n",
             "\n".join(f"- {line}" for line in sentences(frame)) + "\n", markdown_table(frame)]
-    write_text(out / "maxfit.md", "\n".join(text))
+    write_atomic(out / "maxfit.md", "\n".join(text))
     return [out / "maxfit.md"]
 
 
@@ -116,7 +108,7 @@ def write_attribution(frame: pd.DataFrame, out: Path) -> list[Path]:
     text = where.attribution_markdown(frame)
     if not text:
         return []
-    write_text(out / "attribution.md", text)
+    write_atomic(out / "attribution.md", text)
     written = [out / "attribution.md"]
     fig = where.attribution_figure(frame)
     if fig is not None:
@@ -138,9 +130,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
     written: list[Path] = []
 
     csv = out / "runs.csv"
-    with tempfile.NamedTemporaryFile("w", dir=out, prefix=".tmp-", delete=False) as handle:
-        frame.to_csv(handle, index=False)
-    os.replace(handle.name, csv)
+    write_atomic(csv, frame.to_csv(index=False))
     written.append(csv)
 
     named = {"headline": (tables.headline_table(frame), "Peak memory per method at each model's largest batch"),
@@ -154,7 +144,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
             path = out / f"{name}.{suffix}"
             if name == "verdict" and suffix == "md":
                 text = verdict_markdown(frame)
-            write_text(path, text)
+            write_atomic(path, text)
             written.append(path)
     written += figures.save_all(frame, out / "figures")
     written += write_validation(frame, out)
@@ -177,7 +167,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
               "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
               "- `attribution.md`, `figures/attribution.png|pdf`: which modules hold LoRA's extra saved bytes",
               "- `figures/*.png|pdf`\n"]
-    write_text(out / "README.md", "\n".join(index))
+    write_atomic(out / "README.md", "\n".join(index))
     written.append(out / "README.md")
     return written, skipped
 
