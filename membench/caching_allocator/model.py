@@ -425,7 +425,7 @@ class CachingAllocatorModel:
                         self._release_block(block)
                 for block in to_unmap:
                     self._unmap_block(block)
-                    if not block.is_split():  # release_expandable_segment: nothing left mapped
+                    if not block.mapped and not block.is_split():  # release_expandable_segment: nothing mapped
                         self._remove_unmapped(block)
                         del self._segments[block.seg.base]
 
