@@ -5,7 +5,7 @@ Schema (``schema_version`` 1)::
     {
       "schema_version": 1,
       "run_id": "roberta-large--lora_fa--r8--bs32-seq128--fp32--simulate-h100-80gb--1a2b3c4d",
-      "config":  {...the full resolved RunConfig...},
+      "config":  {...the resolved RunConfig (membench.identity.recorded_config)...},
       "status":  {"state": "ok" | "oom" | "error", "phase": null | "build" | "forward" | ..., "message": null | str},
       "metrics": {...membench.step.Metrics...},
       "env":     {"backend", "device_name", "device_total_memory_bytes", "torch", "transformers",
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from membench.files import write_atomic
-from membench.identity import config_digest, run_id  # noqa: F401 - their old home; runner imports run_id here
+from membench.identity import run_id  # noqa: F401 - its old home: membench.runner imports it from here
 
 SCHEMA_VERSION = 1
 STATES = ("ok", "oom", "error")
