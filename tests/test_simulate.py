@@ -16,6 +16,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY_MODELS, tiny
+from membench.allocator import allocator_bytes
+from membench.devices import DEVICES
 from membench.runner import measure
 
 BYTE_FIGURES = ("weight_bytes", "optimizer_state_bytes", "gradient_bytes", "activation_bytes", "saved_tensor_bytes",
@@ -32,6 +34,10 @@ CASES = [
     ("lora", ("train.precision=bf16-autocast",)),
     ("full", ("train.optimizer_impl=fused",)),
     ("lora", ("model.attn_implementation=eager",)),
+    ("lora", ("workload.batch_size=1",)),  # size-1 dimensions: views and broadcasts where bs=2 copies
+    ("full", ("train.precision=fp16",)),
+    ("lora_fa", ("method.lorafa_optimizer=true",)),  # PEFT's LoRA-FA AdamW (its own step temporaries)
+    ("full", ("train.optimizer_impl=for_loop",)),  # one parameter at a time: other step temporaries than foreach
 ]
 
 
@@ -51,10 +57,11 @@ def without_overhead(metrics: dict) -> dict:
 @pytest.mark.parametrize(("method", "extra"), CASES, ids=lambda case: "-".join(case) if isinstance(case, tuple) else case)
 def test_simulate_equals_cpu(model, method, extra):
     real = measure(tiny(model, method, *extra, backend="cpu"))
-    simulated = measure(tiny(model, method, *extra, backend="simulate"))
+    simulated_run = tiny(model, method, *extra, backend="simulate")
+    simulated = measure(simulated_run)
     assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
     assert real.metrics["runtime_overhead_bytes"] == 0
-    assert simulated.metrics["runtime_overhead_bytes"] > 0
+    assert simulated.metrics["runtime_overhead_bytes"] == DEVICES[simulated_run.backend.device].runtime_overhead_bytes
     assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
 
 
@@ -66,10 +73,32 @@ def test_simulate_runs_no_real_memory():
 
 
 def test_cuda_semantics_is_what_makes_cpu_match_cuda():
-    """Without it, CPU dropout keeps float masks: more bytes than CUDA's bool masks."""
-    emulated = measure(tiny("tiny-roberta", "lora_fa", "model.attn_implementation=eager"))
+    """Without it, CPU dropout keeps a float mask where CUDA keeps a bool one: (4 - 1) bytes more per element.
+
+    tiny-roberta, LoRA-FA, eager attention (no SDPA, so dropout is the only difference). A dropout
+    site saves its mask only when its input needs a gradient: the embeddings' dropout does not
+    (LoRA-FA freezes everything below the first adapted projection); every block's attention
+    probabilities (B x heads x S x S), attention output and FFN output (B x S x H each) do, and so do
+    the classification head's two dropouts on the first token (B x H each).
+    """
+    emulated_run = tiny("tiny-roberta", "lora_fa", "model.attn_implementation=eager")
+    emulated = measure(emulated_run)
     raw = measure(tiny("tiny-roberta", "lora_fa", "model.attn_implementation=eager", "backend.cuda_semantics=false"))
-    assert raw.metrics["saved_tensor_bytes"] > emulated.metrics["saved_tensor_bytes"]
+    assert emulated.status.state == raw.status.state == "ok"
+    dims = emulated_run.model.hf_config
+    batch, seq = emulated_run.workload.batch_size, emulated_run.workload.seq_len
+    layers, heads, hidden = dims["num_hidden_layers"], dims["num_attention_heads"], dims["hidden_size"]
+    sites = (layers * [batch * heads * seq * seq]  # attention probabilities
+             + 2 * layers * [batch * seq * hidden]  # attention output, FFN output
+             + 2 * [batch * hidden])  # classification head: dense input, out_proj input
+    float_mask, bool_mask = 4, 1  # bytes per element: fp32 noise (CPU's dropout) vs native_dropout's bool mask
+    extra_saved = sum((float_mask - bool_mask) * elements for elements in sites)
+    extra_live = sum(allocator_bytes(float_mask * elements) - allocator_bytes(bool_mask * elements)
+                     for elements in sites)
+    assert raw.metrics["saved_tensor_bytes"] - emulated.metrics["saved_tensor_bytes"] == extra_saved
+    assert raw.metrics["activation_bytes"] - emulated.metrics["activation_bytes"] == extra_live
+    for key in ("weight_bytes", "gradient_bytes", "optimizer_state_bytes"):
+        assert raw.metrics[key] == emulated.metrics[key], key  # dropout touches activations only
 
 
 def test_predicted_oom_is_a_result():
