@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from membench.files import write_atomic
-from membench.identity import run_id  # noqa: F401 - its old home: membench.runner imports it from here
 
 SCHEMA_VERSION = 1
 STATES = ("ok", "oom", "error")

@@ -20,12 +20,12 @@ from torch import nn
 
 from membench.backends import Backend, create_backend
 from membench.config import RunConfig
-from membench.identity import backend_label, recorded_config
+from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, run_id
 from membench.methods import apply_method, autocast_dtype, weight_dtype
 from membench.models import build_model
 from membench.optim import build_optimizer
 from membench.plan import Plan, plan
-from membench.results import Result, Status, provenance, run_id
+from membench.results import Result, Status, provenance
 from membench.step import MeasuredLoop, Metrics, Progress
 from membench.workload import make_batch
 
@@ -104,7 +104,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     started = time.perf_counter()
     progress = Progress()
     config = recorded_config(run, backend.name)
-    the_run_id = run_id(config, backend_label(run, backend.name))
+    the_run_id = run_id(config, backend_label(run, backend.name), schema=run)
     # The snapshot is written when the block ends, also on an OOM: the moment it is most useful.
     recording = (backend.memory_snapshot(snapshot_path(run, the_run_id)) if run.backend.memory_snapshot
                  else contextlib.nullcontext())
@@ -122,7 +122,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     described = backend.describe()
     warmup_steps, primed = warmup(run, backend)
     metrics.runtime_overhead_bytes = described.get("runtime_overhead_bytes", 0)
-    env = {"backend": backend.name, **described, **provenance(),
+    env = {"backend": backend.name, **described, **provenance(), "identity_version": IDENTITY_VERSION,
            # What the defaults resolved to, so a row stays exact if the family defaults change.
            "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
            "adapted_layers": len(the_plan.adapted),
