@@ -10,9 +10,11 @@ import functools
 import pytest
 import torch
 
-from conftest import TINY_MODELS, tiny
+from conftest import TINY_MODELS, run_config, tiny
 from membench.backends import create_backend
 from membench.allocator import allocator_bytes
+from membench.devices import DEVICES
+from membench.models import default_targets
 from membench.plan import plan
 from membench.runner import build, measure
 
@@ -141,3 +143,75 @@ def test_a_plan_can_run_twice():
     the_plan = plan(tiny("tiny-llama", "lora", backend="simulate"))
     first, second = execute(the_plan), execute(the_plan)
     assert first.metrics == second.metrics
+
+
+# Current 7B decoders in simulation, once each at a realistic LoRA setting (seconds per run, fake tensors).
+SEVEN_B = ["mistral-7b", "qwen2.5-7b"]
+REALISTIC = ("train.precision=bf16", "workload.batch_size=2", "workload.seq_len=512", "backend.name=simulate",
+             "backend.device=h100-80gb")
+BYTES_PER_ELEMENT = {"bf16": 2, "fp32": 4}  # weights by train.precision, adapters by method.adapter_dtype
+
+
+@functools.lru_cache(maxsize=None)
+def simulated_7b(model: str, method: str):
+    run = run_config(f"model={model}", f"method={method}", *REALISTIC)
+    return run, measure(run)
+
+
+def transformers_layout(run):
+    """What the transformers config alone says: the model's tensors (on the meta device) and its LoRA targets."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(run.model.model_type, **run.model.hf_config)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    targets = run.method.target_modules or default_targets(run.model, config)
+    adapted = [module for name, module in net.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    return net, adapted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "lora_fa"])
+@pytest.mark.parametrize("model", SEVEN_B)
+def test_7b_weights_and_trainable_parameters_follow_the_transformers_config(model, method):
+    """Weights: every base parameter at 2 bytes (bf16) plus the fp32 adapters, each tensor allocator-rounded."""
+    run, result = simulated_7b(model, method)
+    assert result.status.state == "ok", result.status.message
+    net, adapted = transformers_layout(run)
+    assert adapted, "no layer matches the LoRA targets"
+    parameters, buffers = list(net.parameters()), list(net.buffers())  # each once (tied weights included)
+    assert all(p.element_size() == BYTES_PER_ELEMENT[run.train.precision] for p in parameters)
+    rank, adapter_size = run.method.rank, BYTES_PER_ELEMENT[run.method.adapter_dtype]
+    a_shapes = [rank * layer.in_features for layer in adapted]  # A: r x in, frozen in LoRA-FA
+    b_shapes = [rank * layer.out_features for layer in adapted]  # B: out x r, always trained
+    trainable = b_shapes if method == "lora_fa" else a_shapes + b_shapes
+    m = result.metrics
+    assert m["weight_bytes"] == (sum(allocator_bytes(p.numel() * p.element_size()) for p in parameters + buffers)
+                                 + sum(allocator_bytes(adapter_size * n) for n in a_shapes + b_shapes))
+    assert m["total_params"] == sum(p.numel() for p in parameters) + sum(a_shapes) + sum(b_shapes)
+    assert m["trainable_params"] == sum(trainable)
+    assert m["gradient_bytes"] == sum(allocator_bytes(adapter_size * n) for n in trainable)
+    assert m["optimizer_state_bytes"] == 2 * m["gradient_bytes"]  # AdamW: exp_avg, exp_avg_sq per trainable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", SEVEN_B)
+def test_7b_lora_fa_saves_fewer_bytes_and_every_part_fits_under_the_peak(model):
+    runs = {method: simulated_7b(model, method) for method in ("lora", "lora_fa")}
+    for method, (run, result) in runs.items():
+        m = result.metrics
+        assert result.status.state == "ok", (method, result.status.message)
+        parts = {key: m[key] for key in ("weight_bytes", "gradient_bytes", "optimizer_state_bytes",
+                                         "activation_bytes", "saved_tensor_bytes")}
+        assert all(value >= 0 for value in parts.values()), (method, parts)
+        assert parts["saved_tensor_bytes"] <= parts["activation_bytes"]
+        assert (parts["weight_bytes"] + parts["gradient_bytes"] + parts["optimizer_state_bytes"]
+                + parts["activation_bytes"]) <= m["peak_allocated_bytes"], method
+        assert m["peak_allocated_bytes"] == max(m["phase_peak_bytes"].values())
+        capacity = DEVICES[run.backend.device].total_memory_bytes  # the 80 GB profile
+        assert result.env["device_total_memory_bytes"] == capacity
+        assert m["peak_allocated_bytes"] <= capacity  # status ok agrees with the bytes
+    lora, lora_fa = runs["lora"][1].metrics, runs["lora_fa"][1].metrics
+    assert lora_fa["saved_tensor_bytes"] < lora["saved_tensor_bytes"]
+    assert lora_fa["peak_allocated_bytes"] < lora["peak_allocated_bytes"]
