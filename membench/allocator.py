@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
+from membench.compat import storage_id
+
 ALLOCATOR_ROUNDING = 512  # bytes; CUDACachingAllocator's kMinBlockSize
 
 
@@ -31,4 +33,4 @@ def returned_tensors(out: Any) -> Iterator[torch.Tensor]:
 
 def storage_key(tensor: torch.Tensor) -> int:
     """Identity of a tensor's storage, stable while it is alive (works for fake tensors)."""
-    return tensor.untyped_storage()._cdata
+    return storage_id(tensor.untyped_storage())

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 
+from membench.compat import enable_activation_checkpointing
 from membench.config import MethodConfig, TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-autocast": torch.float32}
@@ -42,10 +43,7 @@ def apply_method(
     requires grad (the reentrant one would, for frozen embeddings).
     """
     if method.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if method.kind == "full":
         model.requires_grad_(True)
         return model

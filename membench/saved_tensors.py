@@ -24,9 +24,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from membench.allocator import returned_tensors, storage_key
+from membench.compat import OpOverload, TorchDispatchMode, global_module_forward_hooks, op_returns_alias, storage_id
 
 #: Op label of storages no op made during the counted forward (batch tensors, buffers).
 BEFORE_FORWARD = "(before forward)"
@@ -35,7 +35,6 @@ NO_MODULE = "(no module)"
 #: Module label of the model itself (its path is the empty string).
 ROOT = "(root)"
 
-OpOverload = torch._ops.OpOverload
 #: Looks up the op that made a live storage; None when unknown.
 OriginLookup = Callable[[torch.UntypedStorage], Optional[OpOverload]]
 
@@ -71,20 +70,21 @@ class OpOrigins(TorchDispatchMode):
         self._aliases: dict[OpOverload, bool] = {}
 
     def origin(self, storage: torch.UntypedStorage) -> Optional[OpOverload]:
-        entry = self._made.get(storage._cdata)
+        entry = self._made.get(storage_id(storage))
         return entry[1] if entry is not None and entry[0]() is storage else None
 
     def _note(self, tensor: torch.Tensor, func: OpOverload) -> None:
         storage = tensor.untyped_storage()
-        entry = self._made.get(storage._cdata)
+        key = storage_id(storage)
+        entry = self._made.get(key)
         if entry is None or entry[0]() is not storage:
-            self._made[storage._cdata] = (weakref.ref(storage), func)
+            self._made[key] = (weakref.ref(storage), func)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         aliases = self._aliases.get(func)
         if aliases is None:
-            aliases = self._aliases[func] = any(ret.alias_info is not None for ret in func._schema.returns)
+            aliases = self._aliases[func] = op_returns_alias(func)
         if aliases:
             return out
         for tensor in returned_tensors(out):
@@ -123,7 +123,7 @@ class SavedTensorCounter:
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        key = storage._cdata
+        key = storage_id(storage)
         if key not in self._excluded and key not in self._seen:
             self._seen[key] = (storage.nbytes(), self._stack[-1], self._origin(storage))
         return tensor
@@ -189,12 +189,9 @@ class SavedTensorCounter:
             if len(stack) > 1:
                 stack.pop()
 
-        handles = [nn.modules.module.register_module_forward_pre_hook(enter),
-                   nn.modules.module.register_module_forward_hook(leave, always_call=True)]
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
+            with global_module_forward_hooks(enter, leave), \
+                    torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
                 yield self
         finally:
-            for handle in handles:
-                handle.remove()
             self._origin = _no_origin

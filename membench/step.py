@@ -30,6 +30,7 @@ from torch import nn
 
 from membench.backends.base import Backend
 from membench.allocator import allocator_bytes, storage_key
+from membench.compat import adamw_host_step_counters
 from membench.saved_tensors import SavedTensorCounter
 
 @dataclass
@@ -63,24 +64,6 @@ def unique_storage_bytes(tensors) -> int:
     """Allocator bytes of the distinct storages behind ``tensors`` (tied weights count once)."""
     sizes = {storage_key(t): allocator_bytes(t.untyped_storage().nbytes()) for t in tensors}
     return sum(sizes.values())
-
-
-def host_step_counters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """AdamW's per-parameter ``step`` tensors that CUDA keeps on the host.
-
-    Unless the optimizer is fused or capturable, torch stores each step
-    counter as a 0-dim CPU tensor even for CUDA parameters, so the GPU never
-    sees them. On the tracked CPU backends they would otherwise cost 512 B each.
-    """
-    counters = []
-    for group in optimizer.param_groups:
-        if group.get("fused") or group.get("capturable"):
-            continue
-        for param in group["params"]:
-            step = optimizer.state.get(param, {}).get("step")
-            if isinstance(step, torch.Tensor) and step.dim() == 0:
-                counters.append(step)
-    return counters
 
 
 @dataclass
@@ -178,7 +161,7 @@ class MeasuredLoop:
         return time.perf_counter() - start
 
     def _record_optimizer_state(self, before_update: int) -> None:
-        self.backend.host_resident(host_step_counters(self.optimizer))
+        self.backend.host_resident(adamw_host_step_counters(self.optimizer))
         self.metrics.optimizer_state_bytes = self.backend.allocated() - before_update
         self.metrics.phase_allocated_bytes["optimizer_state"] = self.backend.allocated()
 

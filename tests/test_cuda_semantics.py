@@ -78,6 +78,12 @@ def test_math_mirror_saves_what_the_math_kernel_saves(dtype, causal, mask, kv_he
     assert mirror[0] == aten[0] > 0
     assert mirror[1].dtype == dtype
     torch.testing.assert_close(mirror[1], aten[1])
+    # the same gradients for q, k and v, from the same upstream gradient
+    upstream = torch.randn_like(aten[1])
+    for got, want in zip(torch.autograd.grad(mirror[1], (query, key, value), upstream),
+                         torch.autograd.grad(aten[1], (query, key, value), upstream), strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want)
 
 
 def test_math_mirror_dropout_keeps_a_bool_mask():
@@ -94,18 +100,28 @@ def test_math_mirror_refuses_mask_and_causal_together():
         _math_attention(query, key, value, torch.zeros(1, H, L, L), 0.0, True, None, False)
 
 
+def explicit_attention(query, key, value, bias, scale):
+    """softmax(Q K^T * scale + bias) V, written out: the reference autograd differentiates."""
+    return ((query @ key.transpose(-2, -1)) * scale + bias).softmax(-1) @ value
+
+
 @pytest.mark.parametrize("needs_grad", [(True, True, True, True), (False, True, False, True), (True, False, True, False)])
-def test_fused_savings_gradients_match_torch(needs_grad):
+@pytest.mark.parametrize("scale", [0.3, None])
+def test_fused_savings_gradients_match_explicit_attention(needs_grad, scale):
+    """Output and the gradients of q, k, v and the bias equal autograd through softmax(QK^T*scale+bias)V."""
     query, key, value = qkv(requires_grad=False)
-    bias = torch.randn(1, H, L, L)
+    bias = torch.randn(1, H, L, L)  # broadcast over the batch: its gradient is summed over it
     inputs = [t.clone().requires_grad_(flag) for t, flag in zip((query, key, value, bias), needs_grad, strict=True)]
     wanted = [t for t in inputs if t.requires_grad]
-    reference = F.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3], scale=0.3)
-    expected = torch.autograd.grad(reference.sum(), wanted)
-    output = _FusedAttentionSavings.apply(*inputs, False, 0.3)
+    reference = explicit_attention(*inputs, 0.3 if scale else 1 / D ** 0.5)
+    upstream = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, wanted, upstream)
+    output = _FusedAttentionSavings.apply(*inputs, False, scale)
     torch.testing.assert_close(output, reference)
-    for got, want in zip(torch.autograd.grad(output.sum(), wanted), expected, strict=True):
-        torch.testing.assert_close(got, want)
+    got = torch.autograd.grad(output, wanted, upstream)
+    assert [g.shape for g in got] == [t.shape for t in wanted]
+    for one, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(one, want)
 
 
 def test_fused_savings_keep_no_probabilities_and_make_no_temporaries():
@@ -121,6 +137,41 @@ def test_fused_savings_keep_no_probabilities_and_make_no_temporaries():
     output_bytes, logsumexp_bytes = B * H * L * D * 4, B * H * L * 4
     assert counter.total_bytes == 3 * (B * H * L * D * 4) + H * L * L * 4 + output_bytes + logsumexp_bytes
     assert forward_peak == allocator_bytes(output_bytes) + allocator_bytes(logsumexp_bytes)
+
+
+FUSED_CASES = [  # (dtype, kv heads, dropout) -> the kernel CUDA picks, and what it keeps beside q, k, v
+    (torch.float32, H, 0.0, "efficient"),
+    (torch.bfloat16, H, 0.0, "flash"),
+    (torch.bfloat16, 2, 0.1, "flash"),  # dropout from a Philox seed: no mask kept
+]
+
+
+@pytest.mark.parametrize(("dtype", "kv_heads", "dropout", "kernel"), FUSED_CASES)
+def test_routed_attention_saves_what_the_fused_kernel_saves(dtype, kv_heads, dropout, kernel):
+    query, key, value = qkv(dtype, kv_heads)
+    assert cuda_attention_kernel(query, key, value, None, kv_heads != H) == kernel
+    with CudaSemantics():
+        saved, output = saved_and_output(lambda: F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, enable_gqa=kv_heads != H))
+    size = dtype.itemsize
+    inputs = B * H * L * D * size + 2 * B * kv_heads * L * D * size  # q, k, v as they came
+    assert saved == inputs + B * H * L * D * size + B * H * L * 4  # + output + fp32 logsumexp, no S x S
+    assert output.shape == (B, H, L, D) and output.dtype == dtype
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_routed_attention_saves_what_the_math_kernel_saves(dropout):
+    """fp32 grouped-query attention: no fused kernel takes it, so CUDA runs math and keeps S x S probabilities."""
+    query, key, value = qkv(torch.float32, kv_heads=2)
+    assert cuda_attention_kernel(query, key, value, None, True) == "math"
+    with CudaSemantics():
+        saved, _ = saved_and_output(lambda: F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, enable_gqa=True))
+    head_tensor, probabilities = B * H * L * D * 4, B * H * L * L
+    # scaled q, scaled k and v with their heads repeated to H, fp32 softmax output; with dropout also
+    # the bool mask and the dropped probabilities.
+    expected = 3 * head_tensor + probabilities * 4 + (probabilities * (1 + 4) if dropout else 0)
+    assert saved == expected
 
 
 def test_autocast_casts_attention_inputs_as_cuda_does():
@@ -147,9 +198,13 @@ def test_recompute_under_checkpoint_uses_the_swapped_functions():
     """Checkpointed blocks are recomputed in backward; the recompute must save what the forward saved."""
     x = torch.randn(8, 32, requires_grad=True)
     with CudaSemantics():
-        y = checkpoint(lambda t: F.dropout(t * 2, 0.1).sum(), x, use_reentrant=False)
-        y.backward()  # a CheckpointError here means the recompute took the CPU path
-    assert x.grad is not None
+        y = checkpoint(lambda t: F.dropout(t * 2, 0.1), x, use_reentrant=False)
+        y.sum().backward()  # a CheckpointError here means the recompute took the CPU path
+    # d(sum(dropout(2x)))/dx = 2 / (1 - p) where the forward kept x, 0 where it dropped it: the
+    # recompute drew the forward's mask again.
+    kept = y != 0
+    assert 0 < kept.sum() < x.numel()
+    torch.testing.assert_close(x.grad, kept.float() * (2 / 0.9))
 
 
 def test_functions_are_restored_even_after_an_error():

@@ -20,6 +20,7 @@ measures full fine-tuning once instead of failing.
 
 
 import copy
+import itertools
 import logging
 import sys
 from collections import Counter
@@ -29,11 +30,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,54 @@ class MembenchSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="membench", node=MembenchSweeperConf, provider="membench")
 
 
+_ABSENT = object()  # what OmegaConf.select returns for a key the config does not have
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-class MembenchSweeper(BasicSweeper):
+def _cartesian(overrides: List[Override]) -> List[List[str]]:
+    """Every job of one grid, as the basic sweeper expands it: a sweep per key, the last value of a key wins."""
+    choices: dict[str, List[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise HydraException(f"{override.input_line}: the membench sweeper takes lists (a,b,c), not "
+                                 f"{override.value_type.name if override.value_type else 'this sweep'}")
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def _config_groups(loader: Any, parent: str = "") -> set:
+    """Every config group the loader knows (``model``, ``hydra/launcher``, ...), from its public listing."""
+    groups = set()
+    for name in loader.list_groups(parent):
+        path = f"{parent}/{name}" if parent else name
+        groups |= {path} | _config_groups(loader, path)
+    return groups
+
+
+class MembenchSweeper(Sweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
                  grids: Optional[List[Dict[str, Any]]] = None, dry_run: bool = False) -> None:
-        super().__init__(max_batch_size=max_batch_size, params=params)
+        super().__init__()
+        self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
         self.grids = [dict(grid) for grid in (grids or [])] or [{}]
         self.dry_run = dry_run
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
 
     def _expand(self, arguments: List[str]) -> List[List[str]]:
         """Every job's override list: the union of the grids, command line last, duplicates dropped."""
@@ -70,7 +110,7 @@ class MembenchSweeper(BasicSweeper):
         for grid in self.grids:
             grid_overrides = [f"{key}={value}" for key, value in {**self.params, **grid}.items()]
             parsed = parser.parse_overrides(grid_overrides + list(arguments))
-            for job in self.split_arguments(parsed, None)[0]:
+            for job in _cartesian(parsed):
                 jobs.setdefault(tuple(job), None)
         return [list(job) for job in jobs]
 
@@ -78,20 +118,29 @@ class MembenchSweeper(BasicSweeper):
         """The job's config without ``hydra``, as the job will see it.
 
         Composing from scratch costs ~0.1 s, too slow for hundreds of jobs, so the config composed
-        for a set of group choices (``model=...``, ``method=...``) is reused and the plain value
-        overrides are applied to a copy, as Hydra itself applies them after composing.
+        for a set of group choices (``model=...``, ``method=...``) is reused and plain ``key=value``
+        overrides are applied to a copy with ``OmegaConf.update``, as Hydra applies them after
+        composing. Anything else (``+key``, ``~key``, a key that does not exist) is composed by Hydra
+        in full, so its rules and its error messages are Hydra's own.
         """
         parsed = self._parser.parse_overrides(overrides)
-        repository = self.hydra_context.config_loader.repository
-        groups = tuple(o.input_line for o in parsed if repository.group_exists(o.key_or_group))
+        groups = tuple(o.input_line for o in parsed if o.key_or_group in self._groups)
         if groups not in self._composed:
-            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(groups))
-            with read_write(config), open_dict(config):
-                del config["hydra"]
-            self._composed[groups] = config
+            self._composed[groups] = self._composed_in_full(list(groups))
         config = copy.deepcopy(self._composed[groups])
         values = [o for o in parsed if o.input_line not in groups and not o.is_hydra_override()]
-        ConfigLoaderImpl._apply_overrides_to_config(values, config)
+        for override in values:
+            plain = not (override.is_add() or override.is_force_add() or override.is_delete())
+            found = OmegaConf.select(config, override.key_or_group, default=_ABSENT, throw_on_resolution_failure=False)
+            if not plain or found is _ABSENT:
+                return self._composed_in_full(overrides)
+            OmegaConf.update(config, override.key_or_group, override.value(), merge=True)
+        return config
+
+    def _composed_in_full(self, overrides: List[str]) -> DictConfig:
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with read_write(config), open_dict(config):
+            del config["hydra"]
         return config
 
     def _triage(self, jobs: List[List[str]]) -> "tuple[List[List[str]], Counter]":
@@ -133,6 +182,7 @@ class MembenchSweeper(BasicSweeper):
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         self._parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self._composed: dict[tuple, DictConfig] = {}
+        self._groups = _config_groups(self.hydra_context.config_loader)
         jobs, tally = self._triage(self._expand(arguments))
         results_dir = self.config.get("results_dir")
         print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
@@ -169,8 +219,13 @@ class MembenchSweeper(BasicSweeper):
               f"{results_dir}", flush=True)
         if failed:
             first = failed[0]
+            try:
+                first.return_value  # a failed job's return_value raises what the job raised
+                cause = None
+            except Exception as error:  # noqa: BLE001 - reported, with the job that raised it
+                cause = error
             raise HydraException(f"{len(failed)} job(s) crashed; the first ({' '.join(first.overrides or [])}): "
-                                 f"{first._return_value!r}")
+                                 f"{cause!r}") from cause
         return returns
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,6 +22,7 @@ from typing import Iterator, Optional
 import torch
 
 from membench.backends.base import Backend, BusyDeviceError
+from membench.compat import record_cuda_memory_history
 from membench.errors import ConfigError
 
 # Another process holding more than this much of the card would make our
@@ -88,31 +88,28 @@ class CudaBackend(Backend):
     def memory_snapshot(self, path: Path) -> Iterator[None]:
         """Record the allocator's history while active; then write it to ``path`` and stop recording.
 
+        Recording goes through :func:`membench.compat.record_cuda_memory_history`
+        (torch's private history API, checked before use).
+
         The file is written however the block ends (an OOM included: the frames
         of the exception still hold the tensors, so the snapshot shows what filled
         the card). A failure to write it is reported in ``describe()``
         (``memory_snapshot_error``), never lost with the run's figures. Open
         the file at https://pytorch.org/memory_viz.
         """
-        memory = torch.cuda.memory
-        options = {"max_entries": SNAPSHOT_MAX_ENTRIES}
-        if "clear_history" in inspect.signature(memory._record_memory_history).parameters:
-            options["clear_history"] = True  # this run's events only, not an earlier run's in this process
         self._snapshot = {"memory_snapshot": None}
-        memory._record_memory_history(**options)
-        try:
-            yield
-        finally:
+        with record_cuda_memory_history(SNAPSHOT_MAX_ENTRIES) as dump:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_name(f".tmp-{path.name}")  # a crash mid-write leaves no half file
-                memory._dump_snapshot(str(partial))
-                os.replace(partial, path)
-                self._snapshot["memory_snapshot"] = str(path)
-            except Exception as error:  # noqa: BLE001 - the run's figures matter more than the snapshot
-                self._snapshot["memory_snapshot_error"] = f"{type(error).__name__}: {error}"
+                yield
             finally:
-                memory._record_memory_history(enabled=None)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    partial = path.with_name(f".tmp-{path.name}")  # a crash mid-write leaves no half file
+                    dump(str(partial))
+                    os.replace(partial, path)
+                    self._snapshot["memory_snapshot"] = str(path)
+                except Exception as error:  # noqa: BLE001 - the run's figures matter more than the snapshot
+                    self._snapshot["memory_snapshot_error"] = f"{type(error).__name__}: {error}"
 
     def cleanup(self) -> None:
         gc.collect()

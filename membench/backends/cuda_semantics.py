@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from membench import compat
 from membench.attention import sdpa_kernel
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -67,7 +67,7 @@ def _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     original_dtype = query.dtype
     attn_mask = _additive(attn_mask, original_dtype)  # SDPA converts a bool mask before the kernel
-    upcast = original_dtype in FLASH_DTYPES and not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    upcast = original_dtype in FLASH_DTYPES and not compat.math_sdp_reduces_in_half_precision()
     if upcast:  # the kernel keeps q, k, v in fp32 for accuracy
         query, key, value = query.float(), key.float(), value.float()
     factor = math.sqrt(abs(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
@@ -82,7 +82,7 @@ def _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     scores = query @ (key.transpose(-2, -1) * factor)
     if attn_mask is not None:
         scores.add_(attn_mask)
-    probabilities = torch.ops.aten._safe_softmax.default(scores, -1)
+    probabilities = compat.safe_softmax(scores, -1)
     if dropout_p > 0.0:
         probabilities = torch.ops.aten.native_dropout(probabilities, dropout_p, True)[0]
     output = (probabilities @ value).to(original_dtype)
@@ -102,9 +102,7 @@ class _FusedAttentionSavings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale):
-        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
-        )
+        output, logsumexp = compat.cpu_flash_attention(query, key, value, is_causal, attn_mask, scale)
         ctx.save_for_backward(query, key, value, attn_mask, output, logsumexp)
         ctx.is_causal, ctx.scale = is_causal, scale
         return output
@@ -112,10 +110,8 @@ class _FusedAttentionSavings(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, attn_mask, output, logsumexp = ctx.saved_tensors
-        grad_query, grad_key, grad_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_output, query, key, value, output, logsumexp, 0.0, ctx.is_causal, attn_mask=attn_mask,
-            scale=ctx.scale,
-        )
+        grad_query, grad_key, grad_value = compat.cpu_flash_attention_backward(
+            grad_output, query, key, value, output, logsumexp, ctx.is_causal, attn_mask, ctx.scale)
         grad_mask = None
         if ctx.needs_input_grad[3]:
             scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -139,9 +135,7 @@ def _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, sc
         return _FusedAttentionSavings.apply(query, key, value, attn_mask, is_causal, scale)
     # flash and efficient keep output + logsumexp (and their inputs); the CPU flash kernel does
     # the same, and like CUDA's flash it takes fewer key/value heads as they are.
-    output, _logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale
-    )
+    output, _logsumexp = compat.cpu_flash_attention(query, key, value, is_causal, attn_mask, scale)
     return output
 
 
@@ -155,45 +149,54 @@ def _under_autocast(query, key, value, attn_mask):
     return cast(query), cast(key), cast(value), cast(attn_mask)
 
 
+def _cuda_dropout(original_dropout):
+    """``F.dropout`` keeping a bool mask on CPU tensors, as CUDA's ``native_dropout`` does."""
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        if not training or p in (0.0, 1.0) or inplace or input.device.type != "cpu":
+            return original_dropout(input, p, training, inplace)  # as on CUDA: no fused kernel here
+        output, _mask = torch.ops.aten.native_dropout(input, p, True)
+        return output
+
+    return dropout
+
+
+def _cuda_sdpa(original_sdpa):
+    """``F.scaled_dot_product_attention`` saving, on CPU tensors, what CUDA's chosen kernel saves."""
+
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        if query.device.type != "cpu":
+            return original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                 is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        query, key, value, attn_mask = _under_autocast(query, key, value, attn_mask)
+        with torch.autocast(query.device.type, enabled=False):
+            return _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    return scaled_dot_product_attention
+
+
 class CudaSemantics:
     """Context manager: ``F.dropout`` and ``F.scaled_dot_product_attention`` save CUDA's bytes on CPU.
 
-    The two functions are swapped in ``torch.nn.functional`` for the duration,
-    not intercepted with a ``TorchFunctionMode``: function modes are not active
-    inside backward, where activation checkpointing recomputes the forward, and
-    a recompute that took the other path would save different tensors. The swap
-    is process-wide: one measurement per process at a time.
+    The swap itself, and why it is a swap, is
+    :func:`membench.compat.route_dropout_and_sdpa_like_cuda`; it is process-wide,
+    so one measurement per process at a time, and this object is not re-entrant.
     """
 
     def __init__(self) -> None:
-        self._original = None
+        self._route = None
 
     def __enter__(self) -> "CudaSemantics":
-        if self._original is not None:
+        if self._route is not None:
             raise RuntimeError("CudaSemantics is already active")
-        self._original = (F.dropout, F.scaled_dot_product_attention)
-        original_dropout, original_sdpa = self._original
-
-        def dropout(input, p=0.5, training=True, inplace=False):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-            if not training or p in (0.0, 1.0) or inplace or input.device.type != "cpu":
-                return original_dropout(input, p, training, inplace)  # as on CUDA: no fused kernel here
-            output, _mask = torch.ops.aten.native_dropout(input, p, True)
-            return output
-
-        def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                         scale=None, enable_gqa=False):
-            if query.device.type != "cpu":
-                return original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-            query, key, value, attn_mask = _under_autocast(query, key, value, attn_mask)
-            with torch.autocast(query.device.type, enabled=False):
-                return _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-        F.dropout, F.scaled_dot_product_attention = dropout, scaled_dot_product_attention
+        route = compat.route_dropout_and_sdpa_like_cuda(_cuda_dropout, _cuda_sdpa)
+        route.__enter__()
+        self._route = route
         return self
 
     def __exit__(self, *exc_info) -> None:
-        F.dropout, F.scaled_dot_product_attention = self._original
-        self._original = None
+        route, self._route = self._route, None
+        route.__exit__(*exc_info)

@@ -8,7 +8,9 @@ and on meta it costs nothing.
 A CUDA build of torch simulates on fake ``cuda`` tensors and so runs CUDA's
 own code paths. A CPU-only build cannot (autograd refuses fake CUDA there), so
 it uses fake ``cpu`` tensors plus :class:`CudaSemantics` for the two places
-where CPU and CUDA save different bytes.
+where CPU and CUDA save different bytes. transformers' packed-sequence check,
+which fake tensors cannot answer, is answered by
+:func:`membench.compat.no_packed_sequences`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from membench.compat import FakeTensorMode, no_packed_sequences
 from membench.devices import DeviceProfile
 from membench.backends.tracker import TrackedBackend
 from membench.errors import ConfigError
@@ -35,40 +37,17 @@ def materialize(model: nn.Module, device: torch.device) -> nn.Module:
     """
     made: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for key, tensor in table.items():
-                if tensor is None:
-                    continue
-                if id(tensor) not in made:
-                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-                    if isinstance(tensor, nn.Parameter):
-                        empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
-                    made[id(tensor)] = empty
-                table[key] = made[id(tensor)]
+        # This module's own tensors, every name (remove_duplicate=False), listed before any is replaced.
+        own = [*module.named_parameters(recurse=False, remove_duplicate=False),
+               *module.named_buffers(recurse=False, remove_duplicate=False)]
+        for key, tensor in own:
+            if id(tensor) not in made:
+                empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                if isinstance(tensor, nn.Parameter):
+                    empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                made[id(tensor)] = empty
+            setattr(module, key, made[id(tensor)])  # a buffer stays a buffer (persistent or not)
     return model
-
-
-@contextlib.contextmanager
-def _unpacked_sequences() -> Iterator[None]:
-    """Answer transformers' packed-sequence check as real execution does.
-
-    Without a KV cache (e.g. under gradient checkpointing) transformers reads
-    ``position_ids`` to detect packed sequences. Fake tensors have no values,
-    so it assumes packing and materialises a [batch, 1, seq, seq] mask that
-    real execution skips, which changes the attention path. membench's batches
-    are never packed (see membench.workload), so the real answer is "none".
-    """
-    from transformers import masking_utils
-
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if original is None:
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
 
 
 class SimulateBackend(TrackedBackend):
@@ -100,7 +79,7 @@ class SimulateBackend(TrackedBackend):
     @contextlib.contextmanager
     def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
         # The tracker must sit above the fake mode, so it sees the fake outputs.
-        with self.fake_mode, super().session(tensors), _unpacked_sequences():
+        with self.fake_mode, super().session(tensors), no_packed_sequences():
             yield
 
     # Warm-up steps exist to reach the steady state: optimizer state allocated, caches and

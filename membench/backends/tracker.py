@@ -4,7 +4,7 @@
 autograd (forward, backward on the autograd thread, optimizer), and for every
 output tensor whose storage it has not seen it adds the storage's size rounded
 up to 512 bytes, as ``CUDACachingAllocator`` rounds each block. When the
-storage object dies, ``weakref.finalize`` subtracts it again. Views share a
+storage object dies, a finalizer subtracts it again (:func:`membench.compat.when_storage_freed`). Views share a
 storage, so they cost nothing, exactly as on the GPU.
 
 It also remembers which ATen op made each live storage (:meth:`origin`), so
@@ -18,15 +18,14 @@ is their shared base: a backend whose memory figures come from this tracker.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Callable, Iterator, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from membench.allocator import allocator_bytes, returned_tensors, storage_key
 from membench.backends.base import Backend
 from membench.backends.cuda_semantics import CudaSemantics
+from membench.compat import OpOverload, TorchDispatchMode, storage_id, when_storage_freed
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -44,12 +43,12 @@ class AllocationTracker(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self._live: dict[int, int] = {}
-        self._origin: dict[int, torch._ops.OpOverload] = {}  # live storage -> the op that made it
+        self._origin: dict[int, OpOverload] = {}  # live storage -> the op that made it
         self._forgotten: set[int] = set()  # untracked early; their finalizers must do nothing
         self.allocated = 0
         self.peak = 0
 
-    def track(self, tensor: torch.Tensor, func: Optional[torch._ops.OpOverload] = None) -> None:
+    def track(self, tensor: torch.Tensor, func: Optional[OpOverload] = None) -> None:
         """Count ``tensor``'s storage if it is new and on the tracked device type.
 
         Args:
@@ -58,7 +57,7 @@ class AllocationTracker(TorchDispatchMode):
         if tensor.device.type != self.device_type:
             return  # e.g. AdamW's per-parameter step counters, which live on the host
         storage = tensor.untyped_storage()
-        key = storage._cdata
+        key = storage_id(storage)
         if key in self._live or key in self._forgotten:
             return
         size = allocator_bytes(storage.nbytes())
@@ -68,7 +67,7 @@ class AllocationTracker(TorchDispatchMode):
         self.allocated += size
         if self.allocated > self.peak:
             self.peak = self.allocated
-        weakref.finalize(storage, self._release, key)
+        when_storage_freed(storage, self._release, key)
 
     def forget(self, tensor: torch.Tensor) -> None:
         """Stop counting ``tensor``'s storage now: it lives off the device being modelled."""
@@ -79,9 +78,9 @@ class AllocationTracker(TorchDispatchMode):
             self._forgotten.add(key)
             self._origin.pop(key, None)
 
-    def origin(self, storage: torch.UntypedStorage) -> Optional[torch._ops.OpOverload]:
+    def origin(self, storage: torch.UntypedStorage) -> Optional[OpOverload]:
         """The op that made the live ``storage``; None if it predates tracking or lives off the device."""
-        return self._origin.get(storage._cdata)
+        return self._origin.get(storage_id(storage))
 
     def add_constant(self, nbytes: int) -> None:
         """Hold ``nbytes`` that no tensor owns (e.g. cuBLAS workspaces) for the rest of the run."""
@@ -130,7 +129,7 @@ class TrackedBackend(Backend):
             yield
 
     @contextlib.contextmanager
-    def op_origins(self) -> Iterator[Callable[[torch.UntypedStorage], Optional[torch._ops.OpOverload]]]:
+    def op_origins(self) -> Iterator[Callable[[torch.UntypedStorage], Optional[OpOverload]]]:
         # The allocator model already sees every op's outputs; no second dispatch mode needed.
         yield self.tracker.origin
 

@@ -1,0 +1,103 @@
+"""Every place membench replaces, or reaches into, another package's internals.
+
+membench runs the real model code and measures it, so it leans on details that
+torch and transformers do not promise to keep. Each such detail is one entry
+here, named for what it patches; its docstring says why membench needs it and
+what it costs. Before use (each time a context manager is entered) an entry
+checks that its target still exists with the signature membench expects, and
+otherwise raises :class:`CompatError` naming the package, its installed
+version and what membench needed: an upgrade that moves a target fails loudly
+instead of silently measuring something else.
+
+:func:`check_all` runs every check at once; ``python -m membench.compat``
+prints the verdicts (a second's work before a GPU session; a test runs it).
+
+One module per upstream package and concern; patches for other packages
+(bitsandbytes, FSDP2) get their own module here and an entry in :data:`CHECKS`.
+
+* ``torch_attention``: :func:`route_dropout_and_sdpa_like_cuda` swaps
+  ``F.dropout`` and ``F.scaled_dot_product_attention``; :func:`safe_softmax`,
+  :func:`cpu_flash_attention`, :func:`cpu_flash_attention_backward` and
+  :func:`math_sdp_reduces_in_half_precision` are the private kernels the CUDA
+  emulation (``membench.backends.cuda_semantics``) calls.
+* ``torch_memory``: :func:`storage_id` and :func:`when_storage_freed` (storage
+  identity and lifetime), :func:`op_returns_alias` (an op's schema),
+  :func:`global_module_forward_hooks`, :func:`adamw_host_step_counters`,
+  :func:`record_cuda_memory_history` (the allocator's private history API), and
+  ``FakeTensorMode``, ``TorchDispatchMode``, ``OpOverload``: classes torch
+  documents only under private module paths.
+* ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
+  check) and :func:`enable_activation_checkpointing` (a renamed method).
+
+Hydra needs no entry: the sweeper uses only its public API.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from membench.compat._checks import CompatError, installed_version
+from membench.compat.torch_attention import (
+    check_dropout_and_sdpa_routing,
+    cpu_flash_attention,
+    cpu_flash_attention_backward,
+    math_sdp_reduces_in_half_precision,
+    route_dropout_and_sdpa_like_cuda,
+    safe_softmax,
+)
+from membench.compat.torch_memory import (
+    FakeTensorMode,
+    OpOverload,
+    TorchDispatchMode,
+    adamw_host_step_counters,
+    check_adamw_step_counters,
+    check_op_schema,
+    check_storage_identity,
+    checked_cuda_history_functions,
+    checked_module_hook_registrars,
+    global_module_forward_hooks,
+    op_returns_alias,
+    record_cuda_memory_history,
+    storage_id,
+    when_storage_freed,
+)
+from membench.compat.transformers_models import (
+    check_activation_checkpointing,
+    checked_masking_utils,
+    enable_activation_checkpointing,
+    no_packed_sequences,
+)
+
+#: Entry -> the check that its target is as membench expects (raises CompatError if not).
+CHECKS: dict[str, Callable[[], Any]] = {
+    "route_dropout_and_sdpa_like_cuda": check_dropout_and_sdpa_routing,
+    "no_packed_sequences": checked_masking_utils,
+    "storage_id, when_storage_freed": check_storage_identity,
+    "op_returns_alias": check_op_schema,
+    "global_module_forward_hooks": checked_module_hook_registrars,
+    "adamw_host_step_counters": check_adamw_step_counters,
+    "enable_activation_checkpointing": check_activation_checkpointing,
+    "record_cuda_memory_history": checked_cuda_history_functions,
+}
+
+
+def check_all() -> list[str]:
+    """Check every patch target; returns the entries checked, or raises one CompatError listing every failure."""
+    failures = []
+    for name, check in CHECKS.items():
+        try:
+            check()
+        except CompatError as error:
+            failures.append(f"{name}: {error}")
+    if failures:
+        raise CompatError(f"{len(failures)} of {len(CHECKS)} patch targets changed:\n" + "\n".join(failures))
+    return list(CHECKS)
+
+
+__all__ = [
+    "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
+    "check_all", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
+    "global_module_forward_hooks", "installed_version", "math_sdp_reduces_in_half_precision", "no_packed_sequences",
+    "op_returns_alias", "record_cuda_memory_history", "route_dropout_and_sdpa_like_cuda", "safe_softmax",
+    "storage_id", "when_storage_freed",
+]

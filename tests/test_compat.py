@@ -1,0 +1,357 @@
+"""membench.compat: each patch is applied and undone, does what it is for, and fails loudly when its target moves."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import masking_utils
+
+from membench import compat
+from membench.compat import CompatError, installed_version
+
+TORCH = installed_version("torch")
+TRANSFORMERS = installed_version("transformers")
+
+
+def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
+    """A pytest ``match`` pattern: the package, its version, what changed, and what membench needs it for."""
+    found = "".join(".*" + re.escape(fragment) for fragment in fragments)
+    return re.escape(f"{package} {version} ") + found + ".*membench needs it" + (".*" + re.escape(need) if need else "")
+
+
+def test_every_target_is_as_expected_on_the_installed_versions():
+    assert compat.check_all() == list(compat.CHECKS)
+    assert len(compat.CHECKS) == 8
+
+
+def test_check_all_lists_every_failure_at_once(monkeypatch):
+    monkeypatch.setattr(F, "dropout", lambda x: x)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda ids, extra: None)
+    with pytest.raises(CompatError, match="2 of 8 patch targets changed") as caught:
+        compat.check_all()
+    assert "route_dropout_and_sdpa_like_cuda: torch" in str(caught.value)
+    assert "no_packed_sequences: transformers" in str(caught.value)
+
+
+# --- route_dropout_and_sdpa_like_cuda ----------------------------------------------------------------------
+
+def marked(name):
+    """A replacement factory whose product says what it replaced."""
+    def make(original):
+        def replacement(*args, **kwargs):
+            return name, original
+        return replacement
+    return make
+
+
+def test_routing_swaps_both_functions_and_restores_them_even_after_an_error():
+    original = (F.dropout, F.scaled_dot_product_attention)
+    with pytest.raises(KeyError):
+        with compat.route_dropout_and_sdpa_like_cuda(marked("dropout"), marked("sdpa")):
+            # the replacements are in place and were handed the originals to fall back on
+            assert F.dropout(torch.ones(1)) == ("dropout", original[0])
+            assert F.scaled_dot_product_attention(None, None, None) == ("sdpa", original[1])
+            raise KeyError("boom")
+    assert (F.dropout, F.scaled_dot_product_attention) == original
+
+
+def test_routing_makes_cpu_dropout_keep_a_bool_mask():
+    """The effect that matters: under CudaSemantics, which routes through compat, dropout saves 1 B per element."""
+    from membench.backends.cuda_semantics import CudaSemantics
+    from membench.saved_tensors import SavedTensorCounter
+
+    x = torch.randn(1000, requires_grad=True)
+    counts = {}
+    for label, context in (("cpu", torch.autograd.grad_mode.enable_grad()), ("routed", CudaSemantics())):
+        counter = SavedTensorCounter([])
+        with context, counter.counting():
+            F.dropout(x, 0.5)
+        counts[label] = counter.total_bytes
+    assert counts == {"cpu": 1000 * 4, "routed": 1000}
+
+
+@pytest.mark.parametrize(("target", "replacement", "fragments"), [
+    ("dropout", lambda input, p: input, ["torch.nn.functional.dropout with (input, p), not",
+                                         "(input, p, training, inplace)"]),
+    ("dropout", None, ["has no torch.nn.functional.dropout(input, p, training, inplace)"]),
+    ("scaled_dot_product_attention", lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+     scale=None, enable_gqa=False, block_mask=None: None,
+     ["scaled_dot_product_attention with (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, "
+      "block_mask)"]),
+])
+def test_routing_refuses_changed_functions(monkeypatch, target, replacement, fragments):
+    monkeypatch.setattr(F, target, replacement)
+    before = getattr(F, target)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, *fragments)):
+        with compat.route_dropout_and_sdpa_like_cuda(marked("dropout"), marked("sdpa")):
+            pass
+    assert getattr(F, target) is before  # nothing was swapped
+
+
+@pytest.mark.parametrize(("op", "stand_in", "fragment"), [
+    ("_safe_softmax", None, "has no op aten._safe_softmax(self, dim, dtype)"),
+    ("_scaled_dot_product_flash_attention_for_cpu", types.SimpleNamespace(default=torch.ops.aten.mm.default),
+     "has aten._scaled_dot_product_flash_attention_for_cpu(self, mat2), not"),
+])
+def test_routing_refuses_a_missing_or_changed_kernel(monkeypatch, op, stand_in, fragment):
+    monkeypatch.setattr(torch.ops.aten, op, stand_in)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, fragment)):
+        compat.check_dropout_and_sdpa_routing()
+
+
+def test_kernel_wrappers_call_the_kernels_they_name():
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    output, logsumexp = compat.cpu_flash_attention(query, key, value, False, None, None)
+    scores = query @ key.transpose(-2, -1) / 2  # scale 1/sqrt(4)
+    torch.testing.assert_close(output, scores.softmax(-1) @ value)
+    torch.testing.assert_close(logsumexp, scores.logsumexp(-1))
+    grad = torch.randn_like(output)
+    grads = compat.cpu_flash_attention_backward(grad, query, key, value, output, logsumexp, False, None, None)
+    inputs = [t.clone().requires_grad_() for t in (query, key, value)]
+    reference = (inputs[0] @ inputs[1].transpose(-2, -1) / 2).softmax(-1) @ inputs[2]
+    for got, want in zip(grads, torch.autograd.grad(reference, inputs, grad), strict=True):
+        torch.testing.assert_close(got, want)
+    masked = torch.tensor([[0.0, float("-inf")], [float("-inf"), float("-inf")]])
+    assert compat.safe_softmax(masked, -1).tolist() == [[1.0, 0.0], [0.0, 0.0]]  # a fully masked row: zeros
+    assert compat.math_sdp_reduces_in_half_precision() is torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+
+
+# --- no_packed_sequences ----------------------------------------------------------------------------------
+
+def test_no_packed_sequences_answers_none_and_restores_even_after_an_error():
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]])  # two sequences packed in one row
+    original = masking_utils.find_packed_sequence_indices
+    assert original(packed) is not None  # transformers sees the packing
+    with pytest.raises(KeyError):
+        with compat.no_packed_sequences():
+            assert masking_utils.find_packed_sequence_indices(packed) is None
+            raise KeyError("boom")
+    assert masking_utils.find_packed_sequence_indices is original
+
+
+@pytest.mark.parametrize(("replacement", "fragment"), [
+    (None, "has no masking_utils.find_packed_sequence_indices(position_ids)"),
+    (lambda position_ids, cu_seqlens: None, "has masking_utils.find_packed_sequence_indices with "
+                                            "(position_ids, cu_seqlens), not"),
+])
+def test_no_packed_sequences_refuses_a_missing_or_changed_check(monkeypatch, replacement, fragment):
+    """The old code did nothing when the function was missing; now it says so."""
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", replacement)
+    with pytest.raises(CompatError, match=loud("transformers", TRANSFORMERS, fragment, need="packed-sequence check")):
+        with compat.no_packed_sequences():
+            pass
+    assert masking_utils.find_packed_sequence_indices is replacement
+
+
+def test_no_packed_sequences_refuses_when_transformers_stops_calling_it_by_name(monkeypatch):
+    for name, value in list(vars(masking_utils).items()):
+        if isinstance(value, types.FunctionType) and "find_packed_sequence_indices" in value.__code__.co_names:
+            monkeypatch.setattr(masking_utils, name, lambda *args, **kwargs: None)
+    with pytest.raises(CompatError, match=loud("transformers", TRANSFORMERS, "no longer calls")):
+        compat.checked_masking_utils()
+
+
+# --- storage_id, when_storage_freed ------------------------------------------------------------------------
+
+def test_storage_id_is_shared_by_views_and_distinct_between_storages():
+    x, y = torch.zeros(16), torch.zeros(16)
+    assert compat.storage_id(x[4:].view(3, 4).untyped_storage()) == compat.storage_id(x.untyped_storage())
+    assert compat.storage_id(x.untyped_storage()) != compat.storage_id(y.untyped_storage())
+
+
+def test_when_storage_freed_fires_once_when_the_last_view_dies():
+    freed = []
+    x = torch.zeros(16)
+    view = x[2:]
+    compat.when_storage_freed(x.untyped_storage(), freed.append, "x")
+    del x
+    assert freed == []  # the view still holds the storage
+    del view
+    assert freed == ["x"]
+
+
+def test_storage_checks_fail_loudly():
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "has no UntypedStorage._cdata")):
+        compat.storage_id(object())
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "storages take no weak references")):
+        compat.when_storage_freed(1, print)
+
+
+# --- op_returns_alias --------------------------------------------------------------------------------------
+
+def test_op_returns_alias_tells_views_and_inplace_ops_from_new_storage():
+    aten = torch.ops.aten
+    assert [compat.op_returns_alias(op) for op in (aten.view.default, aten.add_.Tensor, aten.mm.default)] == [
+        True, True, False]
+
+
+def test_op_schema_check_fails_loudly(monkeypatch):
+    monkeypatch.setattr(compat.torch_memory, "op_returns_alias", lambda op: False)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "without alias_info")):
+        compat.check_op_schema()
+
+
+# --- global_module_forward_hooks ---------------------------------------------------------------------------
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise KeyError("boom")
+
+
+def test_global_hooks_see_every_forward_also_a_failing_one_and_are_removed():
+    seen = []
+    inner = nn.Linear(2, 2)
+    with compat.global_module_forward_hooks(lambda m, a: seen.append(("in", type(m).__name__)),
+                                            lambda m, a, o: seen.append(("out", type(m).__name__))):
+        nn.Sequential(inner)(torch.zeros(1, 2))
+        with pytest.raises(KeyError):
+            Boom()(torch.zeros(1))
+    assert seen == [("in", "Sequential"), ("in", "Linear"), ("out", "Linear"), ("out", "Sequential"),
+                    ("in", "Boom"), ("out", "Boom")]
+    inner(torch.zeros(1, 2))
+    assert len(seen) == 6  # removed on exit
+
+
+def test_global_hooks_refuse_a_registrar_without_always_call(monkeypatch):
+    monkeypatch.setattr(nn.modules.module, "register_module_forward_hook", lambda hook: None)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "register_module_forward_hook with (hook), not",
+                                               "always_call")):
+        with compat.global_module_forward_hooks(print, print):
+            pass
+
+
+# --- adamw_host_step_counters ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "counters"), [({"foreach": False}, 2), ({"foreach": True}, 2),
+                                                   ({"fused": True}, 0)])
+def test_adamw_step_counters_are_found_unless_fused(options, counters):
+    weights = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.AdamW(weights, **options)
+    assert compat.adamw_host_step_counters(optimizer) == []  # no state before the first step
+    for weight in weights:
+        weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    found = compat.adamw_host_step_counters(optimizer)
+    assert len(found) == counters
+    assert all(c is optimizer.state[w]["step"] and c.dim() == 0 for c, w in zip(found, weights))
+
+
+def test_adamw_step_counters_refuse_a_changed_state(monkeypatch):
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    optimizer.state[weight]["step"] = 1  # as if torch kept a Python int
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "optimizer.state[p]['step'] as int")):
+        compat.adamw_host_step_counters(optimizer)
+    del optimizer.param_groups[0]["capturable"]
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "param_groups without 'fused'/'capturable'")):
+        compat.adamw_host_step_counters(optimizer)
+
+
+def test_other_optimizers_have_no_host_counters():
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    optimizer.state[weight]["step"] = 3  # e.g. PEFT's LoRA-FA optimizer counts in an int
+    assert compat.adamw_host_step_counters(optimizer) == []
+
+
+# --- enable_activation_checkpointing -----------------------------------------------------------------------
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+
+class CurrentModel(Model):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+        self.calls.append(("activation_checkpointing_enable", activation_checkpointing_kwargs))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.calls.append(("gradient_checkpointing_enable", gradient_checkpointing_kwargs))
+
+
+class OlderModel(Model):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.calls.append(("gradient_checkpointing_enable", gradient_checkpointing_kwargs))
+
+
+@pytest.mark.parametrize(("model_class", "method"), [(CurrentModel, "activation_checkpointing_enable"),
+                                                     (OlderModel, "gradient_checkpointing_enable")])
+def test_activation_checkpointing_uses_the_current_name_and_non_reentrant(model_class, method):
+    model = model_class()
+    compat.enable_activation_checkpointing(model)
+    assert model.calls == [(method, {"use_reentrant": False})]
+
+
+def test_activation_checkpointing_turns_it_on_for_a_real_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert not model.is_gradient_checkpointing
+    compat.enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing
+
+
+def test_activation_checkpointing_refuses_a_model_without_either_method():
+    with pytest.raises(CompatError, match=loud("transformers", TRANSFORMERS, "has no Model.activation_checkpointing")):
+        compat.enable_activation_checkpointing(Model())
+
+
+# --- record_cuda_memory_history ----------------------------------------------------------------------------
+
+@pytest.fixture
+def history(monkeypatch):
+    """Stand-ins for torch's history API that log their calls (a CPU build records nothing)."""
+    calls = []
+
+    def record_memory_history(enabled="all", context="all", stacks="all", max_entries=0, clear_history=False):
+        calls.append(("record", enabled, max_entries, clear_history))
+
+    def dump_snapshot(filename="dump_snapshot.pickle"):
+        calls.append(("dump", filename))
+        with open(filename, "wb") as handle:
+            pickle.dump({"segments": [], "device_traces": [[]]}, handle)
+
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", record_memory_history)
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dump_snapshot)
+    return calls
+
+
+def test_history_is_recorded_dumped_and_stopped_even_after_an_error(history, tmp_path):
+    with pytest.raises(KeyError):
+        with compat.record_cuda_memory_history(123) as dump:
+            dump(str(tmp_path / "s.pickle"))
+            raise KeyError("boom")
+    assert history == [("record", "all", 123, True), ("dump", str(tmp_path / "s.pickle")), ("record", None, 0, False)]
+    assert pickle.loads((tmp_path / "s.pickle").read_bytes()) == {"segments": [], "device_traces": [[]]}
+
+
+def test_history_without_clear_history_is_recorded_without_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", context="all", stacks="all", max_entries=0: calls.append(
+                            (enabled, max_entries)))
+    with compat.record_cuda_memory_history(5):
+        pass
+    assert calls == [("all", 5), (None, 0)]
+
+
+@pytest.mark.parametrize(("name", "replacement", "fragment"), [
+    ("_record_memory_history", lambda enabled=True: None, "_record_memory_history with (enabled), not"),
+    ("_dump_snapshot", None, "has no torch.cuda.memory._dump_snapshot(filename)"),
+])
+def test_history_refuses_a_changed_api(monkeypatch, name, replacement, fragment):
+    monkeypatch.setattr(torch.cuda.memory, name, replacement)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, fragment, need="allocator's history")):
+        with compat.record_cuda_memory_history(5):
+            pass
