@@ -1,12 +1,23 @@
-"""Closed-form activation model: the bytes autograd saves in one forward pass, predicted from the architecture.
+"""Activation bytes without running the model: a symbolic walk of the forward pass, and Korthikanti's formula.
 
-This is the analytic counterpart of ``metrics["saved_tensor_bytes"]`` and
-``metrics["activation_bytes"]``. It follows Korthikanti et al. (arXiv
-2205.05198, "Reducing Activation Recomputation in Large Transformer Models"),
-who count a transformer layer's saved activations as ``sbh(34 + 5as/h)`` bytes
-in fp16 with dropout, and extends their count to what membench measures: the
-three model families, PEFT's LoRA and LoRA-FA adapters, several precisions,
-both attention implementations and gradient checkpointing.
+Two models of the bytes autograd saves in one forward pass, side by side:
+
+* The **symbolic walk** (:func:`estimate`; :mod:`~membench.analytic.walk` and one module per
+  family) is not a closed form. It runs each family's forward pass on symbolic tensors (sizes,
+  dtypes and requires-grad flags, no data), op by op as the model code calls them, and applies
+  autograd's saving rule to each op: it counts the bytes of every tensor that op would save,
+  once per storage. It predicts ``metrics["saved_tensor_bytes"]`` and
+  ``metrics["activation_bytes"]`` to the byte, for the three model families, PEFT's LoRA and
+  LoRA-FA adapters, every precision, both attention implementations and gradient
+  checkpointing. It follows CUDA's kernels by default; ``kernels="cpu"`` gives what a CPU
+  build of torch saves where three kernels differ (:mod:`~membench.analytic.walk` names them).
+* **Korthikanti et al.'s closed form** (:func:`korthikanti_activation_bytes`, arXiv 2205.05198):
+  ``s b h (34 + 5 a s / h)`` bytes per layer, with LoRA terms: the formula papers quote, from the
+  architecture alone, and what it leaves out (:mod:`~membench.analytic.korthikanti`).
+
+The per-layer terms below are the walk's, written as sums (Korthikanti's notation, extended);
+the walk evaluates them, so the first layer (whose input needs no gradient under LoRA), shared
+storages and partial ``target_modules`` come out right.
 
 Notation (all counts in elements; bytes are elements x item size):
 
@@ -30,26 +41,23 @@ Rules every term below follows (they are autograd's, applied op by op):
   parameters), but they existed before the forward pass, so they are not in
   ``activation_bytes``.
 
-How it is evaluated: a symbolic forward pass (:class:`~membench.analytic.walk._Walk`) runs each family's
-layer sequence on sizes instead of data and applies these rules op by op, so
-the first layer (whose input needs no gradient under LoRA), shared storages
-and partial ``target_modules`` come out right. Summed over layers it is the
-closed form below; every term is an integer.
+Every term is an integer.
 
 Per-layer terms (a layer whose input needs a gradient):
 
 * attention, fused kernel (``sdpa``: flash in fp16/bf16 without a mask, else the
   memory-efficient kernel): ``q, k, v`` and the output, ``4 n h p``, plus the
-  log-sum-exp ``a n`` x 4; no ``s x s`` tensor. A T5 bias mask adds ``a s^2 p``
+  log-sum-exp ``a n`` x 4 (the efficient kernel's padded to a multiple of 32 rows on CUDA);
+  no ``s x s`` tensor. A T5 bias mask adds ``a s^2 p``
   per self-attention layer (the bias is made contiguous per layer) and
   ``a t s p`` once for the cross-attention's zero bias. CUDA's math kernel
   (fp32 with grouped-query attention, or a strided mask) keeps the scaled
   ``q`` and ``k``, the ``a s^2`` probabilities and ``v`` instead.
 * attention, ``eager``: copies of ``q``, ``k``, ``v`` (``3 n h p``), the softmax
-  output ``a s^2 p`` (LLaMA: fp32), its dropout mask ``a s^2`` (bool) and the
+  output ``a s^2 p`` (fp32 for LLaMA, and for every family under CUDA's bf16 autocast), its dropout mask ``a s^2`` (bool) and the
   dropped probabilities ``a s^2 p``; with ``p_attn = 0`` (LLaMA) no mask and no
   second copy. This is Korthikanti's ``5 a s^2 b`` term.
-* norms: LayerNorm keeps its input ``n h p`` and two ``n``-long statistics;
+* norms: LayerNorm keeps its input ``n h p`` and two ``n``-long statistics (fp32 on CUDA);
   RMSNorm (LLaMA, T5) keeps the fp32 input ``n h 4`` (a copy when ``p != 4``)
   and ``rsqrt`` (``n`` x 4); T5 also keeps the ``p``-typed input for the
   multiply; a trainable norm weight adds the normalised output ``n h p``.
@@ -77,9 +85,8 @@ Adapter terms, per adapted linear with input width ``k`` (PEFT's ``lora.Linear``
 * bf16-autocast: each linear call casts its input to bf16 (a new ``n k 2`` copy
   per call) and its weight to bf16; the weight copy is saved whenever the input
   needs a gradient, even for a frozen base weight (``autocast_weight_copies``).
-  Norms and the loss run in fp32; SDPA casts its inputs (and T5's bias) to bf16.
-  Softmax follows the CPU autocast policy the simulate backend runs (it stays in
-  the input dtype; CUDA's autocast would run it in fp32).
+  Norms and the loss run in fp32; SDPA casts its inputs (and T5's bias) to bf16;
+  softmax gives fp32 on CUDA (it stays bf16 under CPU autocast: ``kernels="cpu"``).
 
 Recompute (non-reentrant gradient checkpointing): the outer hooks see only
 what each checkpointed block keeps for its recomputation (its tensor
@@ -93,7 +100,8 @@ RoBERTa/T5 with adapters: each stack's last block output, as measured with
 torch 2.13's non-reentrant checkpoint).
 
 Head and loss: the causal-LM loss upcasts logits to fp32 and keeps the
-log-softmax output ``n V 4`` and shifted labels ``n`` x 8; T5 and RoBERTa keep
+log-softmax output ``n V 4`` and shifted labels ``n`` x 8 (at batch 1 a view of the
+labels padded by one column, ``(s + 1)`` x 8); T5 and RoBERTa keep
 the log-softmax in ``p`` and the label tensor of the batch.
 
 The physical minimum for LoRA-FA (:func:`lora_fa_minimum`) is a separate,
@@ -102,26 +110,31 @@ implementation-independent bound; its assumptions are in its docstring.
 Not modelled: model families other than RoBERTa, T5 (original ReLU FFN) and
 LLaMA-style decoders (LLaMA, Mistral, Qwen2); adapters on modules outside the
 blocks (a warning names them); attention or padding masks (membench's batches
-have none); cuDNN attention, flash's head-dim padding and the efficient
-kernel's log-sum-exp padded to 32 rows on CUDA; CUDA's fp32 LayerNorm
-statistics for bf16 inputs (the CPU/simulate figure keeps them in the input
-dtype; a few bytes per token); allocator history and fragmentation.
+have none); cuDNN attention, flash's head-dim padding
+and the fused kernels' 0-dim RNG seed and offset; allocator history and fragmentation.
 
 Modules:
 
 * :mod:`~membench.analytic.terms`: the named contributions (:data:`TERMS`) and :class:`ActivationEstimate`;
 * :mod:`~membench.analytic.sizes`: item sizes and the architecture's dimensions read from a Hugging Face config;
-* :mod:`~membench.analytic.walk`: the symbolic tensors and the op-by-op saving rules (:class:`_Walk`);
+* :mod:`~membench.analytic.walk`: the symbolic tensors and the op-by-op saving rules (:class:`_Walk`),
+  and the three kernels whose saved bytes differ between CUDA and CPU;
 * :mod:`~membench.analytic.roberta`, :mod:`~membench.analytic.llama`, :mod:`~membench.analytic.t5`:
   each family's layer sequence walked op by op;
 * :mod:`~membench.analytic.minimum`: LoRA-FA's physical minimum (:func:`lora_fa_minimum`);
 * :mod:`~membench.analytic.linear_stack`: the closed form of a stack of linears;
-* :mod:`~membench.analytic.estimator`: :func:`estimate` and :func:`estimate_config`, the entry points.
+* :mod:`~membench.analytic.korthikanti`: Korthikanti et al.'s per-layer formula with LoRA terms;
+* :mod:`~membench.analytic.estimator`: :func:`estimate` and :func:`estimate_config`, the walk's entry points,
+  and :func:`measured_kernels` (whose kernels a result's figures follow).
 """
 
-from membench.analytic.estimator import estimate, estimate_config
+from membench.analytic.estimator import estimate, estimate_config, measured_kernels, run_from_config
+from membench.analytic.korthikanti import korthikanti_activation_bytes, korthikanti_for_run
 from membench.analytic.linear_stack import linear_stack_saved_bytes
 from membench.analytic.minimum import lora_fa_minimum
 from membench.analytic.terms import TERMS, ActivationEstimate
+from membench.analytic.walk import KERNELS
 
-__all__ = ["ActivationEstimate", "TERMS", "estimate", "estimate_config", "linear_stack_saved_bytes", "lora_fa_minimum"]
+__all__ = ["ActivationEstimate", "KERNELS", "TERMS", "estimate", "estimate_config", "korthikanti_activation_bytes",
+           "korthikanti_for_run", "linear_stack_saved_bytes", "lora_fa_minimum", "measured_kernels",
+           "run_from_config"]

@@ -1,4 +1,4 @@
-"""The entry points: predict a run's saved-tensor and activation bytes from its configuration."""
+"""The entry points: a run's saved-tensor and activation bytes, counted by the symbolic walk of its forward pass."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from membench.config import RunConfig
 FAMILIES = {"roberta": _roberta, "llama": _llama, "mistral": _llama, "qwen2": _llama, "t5": _t5}
 
 
-def estimate(run: RunConfig) -> ActivationEstimate:
-    """Predict ``saved_tensor_bytes`` and ``activation_bytes`` of ``run`` from its architecture.
+def estimate(run: RunConfig, kernels: str = "cuda", the_plan=None) -> ActivationEstimate:
+    """``saved_tensor_bytes`` and ``activation_bytes`` of ``run``, by a symbolic walk of its forward pass.
 
     Builds only a ``meta`` model (through :func:`membench.plan.plan`) to learn the adapted layers.
+    ``kernels``: ``cuda`` (what a GPU saves) or ``cpu`` (what a CPU build of torch saves, where three
+    kernels differ; see :mod:`membench.analytic.walk`). ``the_plan``: ``plan(run)``, when the caller has it.
 
     Raises:
         ConfigError: the configuration is invalid (as ``membench`` would reject it).
@@ -27,13 +29,13 @@ def estimate(run: RunConfig) -> ActivationEstimate:
     """
     from membench.plan import plan  # imports torch/transformers/peft; keep this module light
 
-    the_plan = plan(run)
+    the_plan = the_plan or plan(run)
     config = the_plan.hf_config
     family = config.model_type
     if family not in FAMILIES:
         raise NotImplementedError(f"no analytic activation model for model_type={family!r} "
                                   f"(have: {', '.join(FAMILIES)})")
-    walk = _Walk(run, config, _dims(run, config), {layer.name for layer in the_plan.adapted})
+    walk = _Walk(run, config, _dims(run, config), {layer.name for layer in the_plan.adapted}, kernels)
     FAMILIES[family](walk)
     if not walk.recompute and walk.adapted - walk.visited:
         warnings.warn(f"analytic model: adapters outside the transformer blocks are not modelled: "
@@ -53,8 +55,8 @@ def _lora_fa_layers(run: RunConfig, the_plan) -> list:
     return adapted_layers(the_plan.meta_model, targets, excludes)
 
 
-def estimate_config(config: dict) -> ActivationEstimate:
-    """:func:`estimate` for the ``config`` dict stored in a result JSON (``result["config"]``).
+def run_from_config(config: dict) -> RunConfig:
+    """The RunConfig of the ``config`` dict stored in a result JSON (``result["config"]``).
 
     Keys the result leaves out (``results_dir``, ``force``, backend knobs that did
     not apply) take the schema's defaults.
@@ -64,4 +66,16 @@ def estimate_config(config: dict) -> ActivationEstimate:
     sections = ("model", "method", "workload", "train", "backend")
     cleaned = {key: value for key, value in config.items() if key in sections}
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cleaned)
-    return estimate(OmegaConf.to_object(merged))
+    return OmegaConf.to_object(merged)
+
+
+def estimate_config(config: dict, kernels: str = "cuda") -> ActivationEstimate:
+    """:func:`estimate` for the ``config`` dict stored in a result JSON (``result["config"]``)."""
+    return estimate(run_from_config(config), kernels)
+
+
+def measured_kernels(env: dict) -> str:
+    """Whose kernels a result's figures follow: ``cpu`` for CPU tensors (the cpu backend, or simulate
+    on fake CPU tensors in a CPU build of torch), else ``cuda``. ``env`` is ``result["env"]``."""
+    on_cpu = env.get("backend") == "cpu" or (env.get("backend") == "simulate" and env.get("fake_device") == "cpu")
+    return "cpu" if on_cpu else "cuda"

@@ -1,4 +1,4 @@
-"""The smallest closed form: saved bytes of a stack of linear layers, full, LoRA or LoRA-FA."""
+"""A real closed form, unlike the symbolic walk: saved bytes of a stack of linear layers, full, LoRA or LoRA-FA."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def linear_stack_saved_bytes(widths: list[int], tokens: int, kind: str, rank: in
                              adapter_itemsize: Optional[int] = None) -> int:
     """Saved bytes of a stack of bias-free or biased ``nn.Linear`` layers ``widths[0] -> widths[1] -> ...``.
 
-    The smallest closed form, and the base of every term in :mod:`membench.analytic`.
+    A closed form, and the building block of the walk's linear and adapter terms.
     The input is ``tokens x widths[0]`` and needs no gradient; every layer is
     adapted for the adapter kinds. With ``q`` the adapter item size:
 

@@ -58,5 +58,8 @@ def _llama(w: _Walk) -> None:
             w.alive.append(d.batch * d.seq * d.seq * w.p)
     x = w.rms_norm(x, t5=False)
     logits = w.linear(x, "lm_head", h, d.vocab)
-    labels = w.new(n, INT64, False)  # the shifted labels are a new tensor
+    # transformers' ForCausalLMLoss pads the labels by one column, then takes labels[..., 1:].contiguous().
+    # For b > 1 that slice is strided, so contiguous() copies it: n int64. For b = 1 it is already
+    # contiguous, so the loss keeps a view of the padded (1, s + 1) tensor: 8 bytes more.
+    labels = w.new(n if d.batch > 1 else d.seq + 1, INT64, False)
     w.head_loss(n * d.vocab, logits.itemsize, True, labels)

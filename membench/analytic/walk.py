@@ -1,7 +1,26 @@
-"""The symbolic forward pass: tensors as sizes, and autograd's saving rule applied op by op.
+"""The symbolic walk of the forward pass: tensors as sizes, and autograd's saving rule applied op by op.
 
 Every op keeps what its backward needs (see :mod:`membench.analytic` for the rules), on
-symbolic tensors that carry only their storage size and whether they require grad.
+symbolic tensors that carry only their storage size and whether they require grad. The walk
+follows CUDA's kernels (``kernels="cuda"``, the default). Three kernels save different bytes on
+CPU tensors, and a CPU build of torch (the ``cpu`` backend, and ``simulate`` on fake CPU
+tensors) keeps the CPU figure; ``kernels="cpu"`` reproduces it, so that such a measurement can
+be checked to the byte and the difference to CUDA stated:
+
+* LayerNorm statistics. CUDA's ``layer_norm_cuda`` (aten/src/ATen/native/cuda/layer_norm_kernel.cu)
+  allocates ``mean`` and ``rstd`` in the accumulate type, fp32 for fp16/bf16 inputs; the CPU kernel
+  (aten/src/ATen/native/layer_norm.cpp) uses the parameter dtype, bf16/fp16 here. torch's own
+  reference ``native_layer_norm`` (torch/_refs/__init__.py) encodes the same split: it converts
+  the statistics to the input dtype only when ``input.device.type`` is ``cpu``.
+* Softmax under bf16 autocast. CUDA's autocast runs ``softmax`` as ``fp32_set_opt_dtype``
+  (aten/src/ATen/autocast_mode.cpp; "CUDA Ops that can autocast to float32" in torch's amp docs):
+  a bf16 input gives an fp32 output, which is what softmax saves. CPU autocast has no softmax
+  entry, so the output stays bf16.
+* The memory-efficient SDPA kernel's log-sum-exp. ``_efficient_attention_forward``
+  (aten/src/ATen/native/transformers/cuda/attention.cu) allocates it with its last dimension
+  rounded up to a multiple of 32 query rows (torch/_meta_registrations.py, the meta kernel a fake
+  CUDA tensor runs, does the same); the CPU flash kernel's is ``sq`` long. Equal for ``s`` a
+  multiple of 32.
 """
 
 from __future__ import annotations
@@ -14,6 +33,10 @@ from membench.attention import sdpa_kernel
 from membench.analytic.sizes import BF16, BOOL, FP32, ITEMSIZE, _Dims
 from membench.analytic.terms import TERMS, ActivationEstimate
 from membench.config import RunConfig
+
+
+KERNELS = ("cuda", "cpu")  # whose kernels' saved dtypes and sizes the walk follows (see the module docstring)
+LSE_ROW_ALIGNMENT = 32  # CUDA's efficient kernel pads its log-sum-exp to this many query rows (kAlignLSE)
 
 
 @dataclass(eq=False)
@@ -33,7 +56,10 @@ class _T:
 class _Walk:
     """Symbolic forward pass: every op applies autograd's saving rule to sizes, not data."""
 
-    def __init__(self, run: RunConfig, hf_config, dims: _Dims, adapted: set[str]) -> None:
+    def __init__(self, run: RunConfig, hf_config, dims: _Dims, adapted: set[str], kernels: str = "cuda") -> None:
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
+        self.cuda = kernels == "cuda"
         self.run = run
         self.d = dims
         self.cfg = hf_config
@@ -144,12 +170,13 @@ class _Walk:
         return self.new(tokens * m, out.itemsize, True)
 
     def layer_norm(self, x: _T, term: str = "norms") -> _T:
-        """``nn.LayerNorm``: input, mean and rstd (statistics in the input dtype on CPU tensors)."""
+        """``nn.LayerNorm``: input, mean and rstd (fp32 statistics on CUDA, the input dtype on CPU)."""
         grad = x.grad or self.full
         xs = self.cast(x, FP32) if self.autocast else x  # layer_norm runs in fp32 under autocast
+        stats = FP32 if self.cuda else xs.itemsize  # CUDA: the accumulate type (module docstring)
         if grad:
-            self.save(term, xs, self.new(x.numel // self.d.hidden, xs.itemsize, True),
-                      self.new(x.numel // self.d.hidden, xs.itemsize, True))
+            rows = x.numel // self.d.hidden
+            self.save(term, xs, self.new(rows, stats, True), self.new(rows, stats, True))
         return self.new(x.numel, xs.itemsize, grad)
 
     def rms_norm(self, x: _T, t5: bool) -> _T:
@@ -188,8 +215,11 @@ class _Walk:
         grad = q.grad or k.grad or v.grad or (mask is not None and mask.grad)
         if kernel != "math":
             out = self.new(b * sq * a * d, size, grad)
+            lse_rows = sq
+            if kernel == "efficient" and self.cuda:  # padded to 32 rows on CUDA (module docstring)
+                lse_rows = -(-sq // LSE_ROW_ALIGNMENT) * LSE_ROW_ALIGNMENT
             if grad:
-                self.save("attention", q, k, v, mask, out, self.new(b * a * sq, FP32, True))
+                self.save("attention", q, k, v, mask, out, self.new(b * a * lse_rows, FP32, True))
             return out  # laid out (b, sq, a, d): the transpose to (b, sq, h) is free
         return self._math(q, k, v, sq, skv, grouped, dropout)
 
@@ -228,7 +258,8 @@ class _Walk:
         if qc.grad:
             self.save("attention", kc)
         grad = q.grad or k.grad
-        softmax_size = FP32 if probs_fp32 else cs  # CPU autocast leaves softmax in bf16
+        # CUDA's autocast runs softmax with an fp32 output; CPU autocast leaves it in bf16 (module docstring).
+        softmax_size = FP32 if (probs_fp32 or (self.autocast and self.cuda)) else cs
         probs = self.new(b * a * sq * skv, softmax_size, grad)
         if grad:
             self.save("attention", probs)
