@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -65,22 +66,101 @@ def test_ratios_match_the_files(sweep_dir):
         assert lora > lora_fa  # LoRA-FA never needs more
 
 
+def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every GitHub markdown table in ``text``: (header cells, body rows of cells)."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        elif block:
+            assert len(block) >= 2 and all(set(cell) <= set("-:") for cell in block[1]), block[:2]
+            assert all(len(row) == len(block[0]) for row in block), "ragged table"
+            tables.append((block[0], block[2:]))
+            block = []
+    return tables
+
+
+def tex_rows(text: str) -> int:
+    """Body rows of a booktabs tabular (between \\midrule and \\bottomrule)."""
+    body = text.split("\\midrule", 1)[1].split("\\bottomrule", 1)[0]
+    return sum(line.rstrip().endswith("\\\\") for line in body.splitlines())
+
+
+def setting(run) -> str:
+    return f"bs{run.batch_size} seq{run.seq_len} {run.precision}"
+
+
+def rank_cell(rank) -> str:
+    return "—" if pd.isna(rank) else str(int(rank))
+
+
 def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
-    written, skipped = build_report([sweep_dir], tmp_path / "report")
-    names = {p.relative_to(tmp_path / "report").as_posix() for p in written}
+    from matplotlib.image import imread
+
+    from membench.report.compare import unit
+    from membench.report.tables import METHOD_LABELS
+
+    report = tmp_path / "report"
+    written, skipped = build_report([sweep_dir], report)
+    frame, _ = load_results(sweep_dir)
+    names = {p.relative_to(report).as_posix() for p in written}
     for table in ("headline", "comparison", "breakdown", "verdict", "analytic", "attribution"):
         assert {f"{table}.md"} | ({f"{table}.tex"} if table != "attribution" else set()) <= names
     for figure in (*figures.FIGURES, "attribution"):
         assert {f"figures/{figure}.png", f"figures/{figure}.pdf"} <= names
     assert all(p.stat().st_size > 0 for p in written)
-    csv = pd.read_csv(tmp_path / "report" / "runs.csv")
-    assert len(csv) == len(load_results(sweep_dir)[0])
-    comparison = (tmp_path / "report" / "comparison.md").read_text()
-    assert "tiny-llama" in comparison and "tiny-roberta" in comparison and "LoRA/LoRA-FA" in comparison
-    assert "\\begin{tabular}" in (tmp_path / "report" / "comparison.tex").read_text()
-    assert "LoRA's peak is at least 1.4×" in (tmp_path / "report" / "verdict.md").read_text()
-    breakdown = (tmp_path / "report" / "breakdown.md").read_text()
-    assert "| oom |" in breakdown and "| error |" in breakdown and "peak (MiB)" in breakdown
+
+    # runs.csv: the loaded results, row for row and column for column, bytes as integers.
+    csv = pd.read_csv(report / "runs.csv")
+    assert list(csv.columns) == list(frame.columns)
+    assert csv["run_id"].tolist() == frame["run_id"].tolist()
+    for column in ("peak_allocated_bytes", "weight_bytes", "activation_bytes", "saved_tensor_bytes"):
+        assert csv[column].tolist() == [int(v) for v in frame[column]], column
+    assert csv["status"].tolist() == frame["status"].tolist()
+
+    # Every figure is a real image / PDF, not just bytes.
+    for figure in (*figures.FIGURES, "attribution"):
+        png = report / "figures" / f"{figure}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        height, width = imread(png).shape[:2]
+        assert 200 <= height <= 4000 and 300 <= width <= 6000, (figure, width, height)
+        pdf = (report / "figures" / f"{figure}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF"), figure
+
+    # The tables: expected columns, one row per configuration of the fixture.
+    size = unit(frame)[0]
+    finished = frame[frame["status"] == "ok"]
+    adapters = frame[frame["kind"] != "full"]
+    configurations = sorted({(r.backend, r.model, setting(r), rank_cell(r.rank)) for r in adapters.itertuples()})
+    pairs = sorted({(r.model, setting(r), rank_cell(r.rank)) for r in finished.itertuples()
+                    if r.kind != "full" and not r.recompute})
+    expected = {
+        "breakdown": (["model", "method", "r", "setting", "status", f"peak ({size})", "weights", "gradients",
+                       "optimizer", "activations", "saved for backward", "step (ms)"],
+                      sorted((r.model, METHOD_LABELS[r.method], rank_cell(r.rank), setting(r), r.status)
+                             for r in frame.itertuples())),
+        "comparison": (["model", "setting", "r", f"full ({size})", f"LoRA ({size})", f"LoRA-FA ({size})",
+                        f"LoRA+recompute ({size})", "LoRA/LoRA-FA", "activations LoRA/LoRA-FA", "full/LoRA-FA",
+                        "recompute time"],
+                       sorted(c[1:] for c in configurations)),
+        "headline": (["model", "setting", f"full ({size})", f"LoRA ({size})", f"LoRA-FA ({size})",
+                      f"LoRA+recompute ({size})", "LoRA/LoRA-FA", "full/LoRA-FA"],
+                     sorted((model,) for model in MODELS)),
+        "verdict": (["model", "setting", "r", "LoRA/LoRA-FA peak", "LoRA/LoRA-FA activations",
+                     "activation share (LoRA)", "≥ 1.4×"], pairs),
+    }
+    for name, (columns, rows) in expected.items():
+        (header, body), *_ = [t for t in markdown_tables((report / f"{name}.md").read_text()) if t[0][0] == "model"]
+        assert header == columns, name
+        assert sorted(tuple(row[:len(rows[0])]) for row in body) == rows, name
+        assert tex_rows((report / f"{name}.tex").read_text()) == len(body), name
+        assert "\\begin{tabular}" in (report / f"{name}.tex").read_text()
+    (_, analytic), = markdown_tables((report / "analytic.md").read_text())
+    assert sorted(tuple(row[:4]) for row in analytic) == sorted(
+        (r.model, METHOD_LABELS[r.method], rank_cell(r.rank), setting(r)) for r in finished.itertuples())
+    assert any(header[0].startswith("module") and body for header, body in
+               markdown_tables((report / "attribution.md").read_text()))
+    assert "LoRA's peak is at least 1.4×" in (report / "verdict.md").read_text()
 
 
 def test_analytic_table_covers_every_finished_run(sweep_dir):
