@@ -241,3 +241,21 @@ def test_missing_folder_is_a_clear_error(tmp_path, capsys):
         main([str(tmp_path / "nope")])
     assert exit_info.value.code == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(figures.FIGURES))
+def test_figure_title_sits_above_every_panel_title(sweep_dir, name):
+    """The figure's title is laid out with the panels, not drawn over the top row's titles."""
+    import matplotlib.pyplot as plt
+
+    frame, _ = load_results(sweep_dir)
+    fig = figures.FIGURES[name](frame)
+    try:
+        fig.canvas.draw()
+        title = fig.get_suptitle() and fig._suptitle.get_window_extent()
+        panel_titles = [ax.title.get_window_extent() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+        if not title or not panel_titles:
+            pytest.skip(f"{name} has no figure title over panel titles")
+        assert title.y0 >= max(box.y1 for box in panel_titles), name
+    finally:
+        plt.close(fig)

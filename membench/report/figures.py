@@ -95,8 +95,8 @@ def _sweep(frame: pd.DataFrame, x: str, fixed: str, title: str, xlabel: str, log
             ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.minorticks_off()
         ax.grid(alpha=0.3)
+    fig.suptitle(title)  # before the layout, which then keeps the panel titles below it
     _figure_legend(fig, axes, "× = out of memory")
-    fig.suptitle(title)
     return fig
 
 
@@ -108,7 +108,11 @@ def _by_size(runs: pd.DataFrame) -> list[str]:
 
 
 def _figure_legend(fig: plt.Figure, axes: list, title: str = "") -> None:
-    """One legend under all panels, with every method any panel drew."""
+    """One legend under all panels, with every method any panel drew.
+
+    Lays the figure out (``tight_layout``), so call it after ``fig.suptitle``: the layout makes room
+    for a title that exists, not for one added later.
+    """
     entries: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
