@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # The console script installed beside this interpreter (pip install -e .), else the one on PATH.
 MEMBENCH = str(Path(sys.executable).with_name("membench")) if Path(sys.executable).with_name("membench").exists() \
     else shutil.which("membench")
@@ -58,13 +60,15 @@ def test_config_dir_adds_a_users_model(tmp_path):
     assert "my-decoder lora_fa" in done.stdout
 
 
-def test_unwritable_results_dir_fails_before_measuring(tmp_path):
+@pytest.mark.parametrize("sweep", [False, True], ids=["single", "sweep"])
+def test_unwritable_results_dir_fails_before_measuring(tmp_path, sweep):
     (tmp_path / "afile").write_text("")  # a folder under a regular file cannot be created, even by root
-    done = membench("model=tiny-llama", "workload.batch_size=2", "workload.seq_len=16", "backend.name=simulate",
-                    f"results_dir={tmp_path}/afile/runs", cwd=tmp_path)
+    grid = ["-m", "method=lora,lora_fa"] if sweep else []
+    done = membench(*grid, "model=tiny-llama", "workload.batch_size=2", "workload.seq_len=16",
+                    "backend.name=simulate", f"results_dir={tmp_path}/afile/runs", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert f"membench: error: results_dir='{tmp_path}/afile/runs' is not a folder membench can write to" \
-        in done.stderr
+    assert f"results_dir='{tmp_path}/afile/runs' is not a folder membench can write to" in done.stderr
+    assert done.stderr.startswith("membench: error: job 1 of 2 (" if sweep else "membench: error: results_dir=")
     assert "Traceback" not in done.stderr and "peak" not in done.stdout  # nothing was measured
 
 

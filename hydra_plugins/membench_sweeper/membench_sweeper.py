@@ -148,10 +148,12 @@ class MembenchSweeper(Sweeper):
         from membench.cli import to_run_config
         from membench.config import ADAPTER_ONLY_KEYS
         from membench.errors import ConfigError
+        from membench.files import check_writable_dir
         from membench.sweep import existing_result
 
         todo: dict[tuple, None] = {}
         seen: set[tuple] = set()
+        writable: set[str] = set()
         tally: Counter = Counter()
         for number, overrides in enumerate(jobs, 1):
             config = self._task_config(overrides)
@@ -161,6 +163,9 @@ class MembenchSweeper(Sweeper):
                     overrides, config = kept, self._task_config(kept)
             try:
                 run = to_run_config(config)
+                if run.results_dir not in writable:  # one probe file per folder, not per job
+                    check_writable_dir(run.results_dir, key="results_dir")
+                    writable.add(run.results_dir)
             except ConfigError as error:  # before anything ran: the CLI's exit code for bad input
                 print(f"membench: error: job {number} of {len(jobs)} ({' '.join(overrides)}): {error}",
                       file=sys.stderr)
