@@ -13,7 +13,8 @@ import pytest
 
 from membench.results import read_result
 from membench.runner import measure
-from tests.conftest import ROOT, tiny
+from membench.cli import run_one
+from tests.conftest import ROOT, compose_config, tiny
 from tests.test_cli import MEMBENCH, membench
 
 TINY = ["workload.batch_size=2", "workload.seq_len=16", "backend.name=simulate"]
@@ -45,23 +46,29 @@ def test_multirun_writes_one_result_per_configuration_then_resumes(tmp_path):
 
 
 def test_force_remeasures(tmp_path):
-    args = ["-m", "model=tiny-llama", "method=lora_fa", *TINY]
-    assert membench(*args, cwd=tmp_path).returncode == 0
-    before = results(tmp_path)
-    time.sleep(0.01)
-    forced = membench(*args, "force=true", cwd=tmp_path)
-    assert forced.returncode == 0, forced.stderr
-    assert "1 configurations; 0 already measured" in forced.stdout
-    assert results(tmp_path).keys() == before.keys()
-    assert all(results(tmp_path)[name] > mtime for name, mtime in before.items())
-
-
-def test_a_single_run_also_skips_an_existing_result(tmp_path):
+    """In process (cli.run_one, what each job runs): the skip-or-measure decision, not the command, is tested."""
     args = ["model=tiny-llama", "method=lora_fa", *TINY]
-    assert membench(*args, cwd=tmp_path).returncode == 0
-    again = membench(*args, cwd=tmp_path)
-    assert again.returncode == 0
-    assert "already measured (ok), skipped; force=true re-measures" in again.stdout
+    assert run_one(compose_config(args))[0] == "ok"
+    before = results(tmp_path)
+    assert len(before) == 1
+    time.sleep(0.01)
+    state, line = run_one(compose_config([*args, "force=true"]))
+    assert state == "ok" and "already measured" not in line
+    after = results(tmp_path)
+    assert after.keys() == before.keys()  # the same run id: force is not part of the identity
+    assert all(after[name] > mtime for name, mtime in before.items())
+
+
+def test_a_single_run_also_skips_an_existing_result(tmp_path, capsys):
+    args = ["model=tiny-llama", "method=lora_fa", *TINY]
+    assert run_one(compose_config(args))[0] == "ok"
+    written = results(tmp_path)
+    capsys.readouterr()
+    state, line = run_one(compose_config(args))
+    assert state == "skipped"
+    assert line.endswith("→ already measured (ok), skipped; force=true re-measures")
+    assert line in capsys.readouterr().out
+    assert results(tmp_path) == written  # nothing rewritten
 
 
 def test_an_invalid_job_stops_the_sweep_before_anything_runs(tmp_path):
