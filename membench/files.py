@@ -74,11 +74,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 
 def check_writable_dir(path: str | Path, key: str = "results_dir") -> Path:
-    """Create the folder ``path`` if missing and prove a file can be written in it.
+    """Prove that the folder ``path`` can be created (if missing) and written, and leave no trace.
 
     The proof is a real (unnamed, immediately deleted) temporary file rather than
     ``os.access``: root passes every permission-bit check, yet a read-only mount or a
-    path running through a regular file still fails for root too.
+    path running through a regular file still fails for root too. Folders the probe had
+    to create are removed again, so a dry run or a sweep stopped by bad input leaves the
+    tree as it found it; the first result written creates them for real.
 
     Args:
         path: The folder results will be written to.
@@ -91,6 +93,7 @@ def check_writable_dir(path: str | Path, key: str = "results_dir") -> Path:
         ConfigError: Naming ``key=path``, why it failed and what to do.
     """
     directory = Path(path)
+    missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix=".probe-"):
@@ -102,4 +105,10 @@ def check_writable_dir(path: str | Path, key: str = "results_dir") -> Path:
             f"{error.filename or directory}); give {key}=<a folder you may create and write to>, "
             f"or fix its permissions"
         ) from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not created by us after all, or no longer empty
     return directory

@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from membench.report import closed_form, figures, validate, verdict
+from membench.report import analytic, figures, validate, verdict
 from membench.report.cli import build_report, main
 from membench.report.compare import side_by_side
 from membench.report.load import load_results
@@ -155,8 +155,9 @@ def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
         assert sorted(tuple(row[:len(rows[0])]) for row in body) == rows, name
         assert tex_rows((report / f"{name}.tex").read_text()) == len(body), name
         assert "\\begin{tabular}" in (report / f"{name}.tex").read_text()
-    (_, analytic), = markdown_tables((report / "analytic.md").read_text())
-    assert sorted(tuple(row[:4]) for row in analytic) == sorted(
+    (_, per_run), (korthikanti_header, _) = markdown_tables((report / "analytic.md").read_text())
+    assert korthikanti_header == list(analytic.KORTHIKANTI_COLUMNS)
+    assert sorted(tuple(row[:4]) for row in per_run) == sorted(
         (r.model, METHOD_LABELS[r.method], rank_cell(r.rank), setting(r)) for r in finished.itertuples())
     assert any(header[0].startswith("module") and body for header, body in
                markdown_tables((report / "attribution.md").read_text()))
@@ -165,7 +166,7 @@ def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
 
 def test_analytic_table_covers_every_finished_run(sweep_dir):
     frame, _ = load_results(sweep_dir)
-    table = closed_form.analytic_vs_measured(frame)
+    table = analytic.analytic_vs_measured(frame)
     finished = frame[frame["status"] == "ok"]
     assert sorted(table["run_id"]) == sorted(finished["run_id"])
     # The symbolic walk is exact: 0 bytes off, saved and activations, on every run.
@@ -173,10 +174,10 @@ def test_analytic_table_covers_every_finished_run(sweep_dir):
     assert (table["saved_measured"] == finished.set_index("run_id").loc[table["run_id"], "saved_tensor_bytes"]
             .to_numpy()).all()
     assert (table["korthikanti_ratio"] == table["korthikanti"] / table["saved_measured"]).all()
-    text = closed_form.analytic_markdown(table)
+    text = analytic.analytic_markdown(table)
     assert "## Korthikanti et al.'s formula vs measured" in text
-    assert "| " + " | ".join(closed_form.KORTHIKANTI_COLUMNS) + " |" in text
-    assert len(closed_form.korthikanti_by_method(table)) == len(MODELS) * 4  # full, LoRA, LoRA-FA, LoRA+recompute
+    assert "| " + " | ".join(analytic.KORTHIKANTI_COLUMNS) + " |" in text
+    assert len(analytic.korthikanti_by_method(table)) == len(MODELS) * 4  # full, LoRA, LoRA-FA, LoRA+recompute
 
 
 def test_verdict_counts_the_claim_by_hand(sweep_dir):

@@ -137,9 +137,12 @@ def test_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path, monke
     assert path.read_text() == "old"
 
 
-def test_writable_dir_is_created(tmp_path):
+def test_writable_dir_check_leaves_no_trace(tmp_path):
     assert check_writable_dir(tmp_path / "a" / "runs") == tmp_path / "a" / "runs"
-    assert (tmp_path / "a" / "runs").is_dir() and list((tmp_path / "a" / "runs").iterdir()) == []  # probe gone
+    assert list(tmp_path.iterdir()) == []  # the folders it had to create, and the probe, are gone
+    (tmp_path / "kept").mkdir()
+    check_writable_dir(tmp_path / "kept")
+    assert list((tmp_path / "kept").iterdir()) == [] and (tmp_path / "kept").is_dir()  # an existing folder stays
 
 
 def test_unwritable_dir_is_a_config_error(tmp_path):

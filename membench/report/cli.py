@@ -18,7 +18,7 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
 from membench.files import write_atomic
-from membench.report import closed_form, figures, tables, validate, verdict, where
+from membench.report import analytic, figures, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
@@ -73,17 +73,8 @@ def write_validation(frame: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """analytic.md/.tex: the closed-form activation count against every finished run."""
-    table = closed_form.analytic_vs_measured(frame)
-    shown = closed_form.display(table)
-    if shown.empty:
-        return []
-    text = ["# Closed-form activation count vs measured\n", closed_form.summary(table) + "\n",
-            "\"LoRA-FA minimum\" is what must be kept without recomputation (membench/analytic/).\n",
-            markdown(shown)]
-    write_atomic(out / "analytic.md", "\n".join(text))
-    write_atomic(out / "analytic.tex", latex(shown, "Analytic vs measured saved-tensor bytes", "tab:analytic"))
-    return [out / "analytic.md", out / "analytic.tex"]
+    """analytic.md/.tex: the symbolic walk and Korthikanti's formula against every finished run."""
+    return analytic.write_analytic(frame, out)
 
 
 def write_maxfit(directory: Path | None, out: Path) -> list[Path]:
@@ -163,7 +154,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
               "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
               "- `validation.md|tex` (when there is something to compare): simulated vs measured",
-              "- `analytic.md|tex`: the closed-form activation count (membench/analytic/) vs measured",
+              "- `analytic.md|tex`: the symbolic walk (membench/analytic/) and Korthikanti's formula vs measured",
               "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
               "- `attribution.md`, `figures/attribution.png|pdf`: which modules hold LoRA's extra saved bytes",
               "- `figures/*.png|pdf`\n"]

@@ -16,6 +16,8 @@ It also shows how far LoRA-FA is from its physical minimum (what must be kept wi
 
 from __future__ import annotations
 
+import json
+
 import warnings
 from pathlib import Path
 
@@ -55,6 +57,9 @@ def analytic_vs_measured(frame: pd.DataFrame) -> pd.DataFrame:
     from membench.plan import plan
 
     rows = []
+    # A plan builds a meta model (about a second for a 7B); what the walk reads from it (the HF config,
+    # the adapted layers) depends on the model, the method and the weight dtype, never on the workload.
+    plans: dict[str, object] = {}
     done = frame[(frame["status"] == "ok") & frame["saved_tensor_bytes"].notna()]
     for _, row in done.iterrows():
         result = read_result(row["path"])
@@ -63,7 +68,9 @@ def analytic_vs_measured(frame: pd.DataFrame) -> pd.DataFrame:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run = run_from_config(result.config)
-                the_plan = plan(run)
+                key = json.dumps([result.config["model"], result.config["method"], run.train.precision],
+                                 sort_keys=True)
+                the_plan = plans[key] if key in plans else plans.setdefault(key, plan(run))
                 walk = estimate(run, kernels, the_plan)
                 difference = _kernels_difference(run, the_plan, kernels, walk)
                 formula = korthikanti_for_run(run, the_plan)
@@ -174,7 +181,7 @@ def analytic_markdown(table: pd.DataFrame) -> str:
 
 def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
     """analytic.md and analytic.tex in ``out`` (nothing when no run is covered)."""
-    from membench.report.cli import write_text
+    from membench.files import write_atomic
     from membench.report.render import latex
 
     table = analytic_vs_measured(frame)
@@ -182,7 +189,7 @@ def write_analytic(frame: pd.DataFrame, out: Path) -> list[Path]:
     if not text:
         return []
     shown = display(table)
-    write_text(out / "analytic.md", text)
-    write_text(out / "analytic.tex", latex(shown, "Symbolic walk and Korthikanti's formula vs measured saved-tensor "
+    write_atomic(out / "analytic.md", text)
+    write_atomic(out / "analytic.tex", latex(shown, "Symbolic walk and Korthikanti's formula vs measured saved-tensor "
                                                   "bytes", "tab:analytic"))
     return [out / "analytic.md", out / "analytic.tex"]
