@@ -114,7 +114,7 @@ class MeasuredLoop:
 
     def _enter(self, phase: str) -> None:
         self.progress.phase = phase
-        self.backend.reset_peak()
+        self.backend.begin_phase(phase, self.progress.step_label)
 
     def _leave(self, phase: str, peaks: dict[str, int], reserved: list[int]) -> None:
         self.backend.synchronize()
@@ -199,7 +199,8 @@ class MeasuredLoop:
             self.progress.step_label = f"measured step {index + 1}/{measured_steps}"
             first = warmup_steps == 0 and index == 0 and not primed
             times.append(self.step(first=first, measured=True, peaks=peaks, reserved=reserved))
-        self.progress.phase = "done"
+        self.progress.step_label = "end of run"
+        self._enter("done")  # closes the last phase in a recorded log (membench.events); frees after it are teardown
         self.metrics.peak_allocated_bytes = max(peaks.values())
         self.metrics.peak_reserved_bytes = max(reserved) if reserved else None
         if self.backend.timed:

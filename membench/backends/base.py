@@ -94,6 +94,10 @@ class Backend(ABC):
     @abstractmethod
     def reset_peak(self) -> None: ...
 
+    def begin_phase(self, phase: str, label: str) -> None:
+        """A phase of step ``label`` starts: its peak is counted from here (tracked backends also log it)."""
+        self.reset_peak()
+
     @abstractmethod
     def peak_allocated(self) -> int: ...
 
