@@ -19,6 +19,14 @@ from dataclasses import dataclass
 MiB = 1 << 20
 KiB = 1 << 10
 
+# The CUDA context is neither in reserved memory nor free to tensors: on an idle card
+# ``torch.cuda.mem_get_info()`` free is total_memory minus the context once torch has initialised
+# CUDA. Public reports of H100/A100 processes with CUDA 12 lazy module loading (the default since
+# CUDA 11.7) show about 500 MiB per process in nvidia-smi before any tensor is allocated (1 to 2 GiB
+# with CUDA_MODULE_LOADING=EAGER). 512 MiB is the documented allowance: a round physical figure, not
+# fitted; a GPU session can measure it as total_memory - mem_get_info()[0] right after CUDA init.
+DEFAULT_CUDA_CONTEXT_BYTES = 512 * MiB
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -32,6 +40,10 @@ class DeviceProfile:
         runtime_overhead_bytes: Allocator bytes held by cuBLAS workspaces.
         measured: True when the capacity was read off a real card; False when
             it is derived (the nominal size, or another tool's report of the card).
+        cuda_context_bytes: Device memory the CUDA context (driver, module images,
+            library handles) takes outside PyTorch's allocator; predicted OOM is
+            ``peak reserved + cuda_context_bytes > total_memory_bytes``. Default:
+            ``DEFAULT_CUDA_CONTEXT_BYTES`` (see there for the source).
     """
 
     key: str
@@ -39,6 +51,7 @@ class DeviceProfile:
     total_memory_bytes: int
     runtime_overhead_bytes: int
     measured: bool
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
 
 
 HOPPER_CUBLAS_WORKSPACE = 32 * MiB
