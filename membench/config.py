@@ -28,6 +28,7 @@ OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 FAKE_DEVICES = ("auto", "cuda", "cpu")
+TRACE_MODES = ("auto", "off")
 #: Method keys that only mean something with adapters; MethodConfig rejects them for kind=full,
 #: so sweeps and maxfit, which pair one command line with several methods, drop them there.
 ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
@@ -216,6 +217,11 @@ class BackendConfig:
             https://pytorch.org/memory_viz to see every allocation over time
             with its Python stack. A snapshot run gets its own run id; the ids
             of other runs do not change.
+        trace: For ``simulate``: ``auto`` answers a run from a cached symbolic
+            trace of its (model, method, precision, ...) where the trace covers
+            it (byte-identical to direct simulation, ms instead of seconds) and
+            simulates directly otherwise; ``off`` always simulates directly. How
+            a result is computed, not what: never recorded, never in the run id.
     """
 
     name: str = "auto"
@@ -223,9 +229,11 @@ class BackendConfig:
     cuda_semantics: bool = True
     fake_device: str = "auto"
     memory_snapshot: bool = False
+    trace: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("backend.name", self.name, BACKENDS)
+        check_choice("backend.trace", self.trace, TRACE_MODES)
         check_choice("backend.fake_device", self.fake_device, FAKE_DEVICES)
         check_choice("backend.device", self.device, tuple(DEVICES))
         if self.memory_snapshot and self.name in ("simulate", "cpu"):

@@ -9,6 +9,9 @@ so that adding a config field never renames existing results:
   a new field with a default renames nothing, a run that sets it gets its own id.
 * ``results_dir`` and ``force`` (:data:`OUTPUT_ONLY`) never do, and backend knobs a backend
   ignores (:data:`IRRELEVANT_BACKEND_KEYS`) are not recorded for it, so they never do either.
+* Backend knobs that choose how a result is computed, not what it is
+  (:data:`UNRECORDED_BACKEND_KEYS`: ``backend.trace``, whose ``auto`` and ``off`` give the same
+  bytes), are never recorded, so never hashed.
 
 A change to what existing fields mean would need ``IDENTITY_VERSION = 2`` and a new list;
 version 1 hashes no version marker, which is what keeps every committed id.
@@ -38,12 +41,14 @@ V1_FIELDS: dict[str, tuple[str, ...]] = {
 OUTPUT_ONLY = ("results_dir", "force")
 #: Backend knobs that do not affect a backend: not recorded for it, so never part of its id.
 IRRELEVANT_BACKEND_KEYS = {"cuda": ("device", "fake_device", "cuda_semantics"), "cpu": ("device", "fake_device")}
+#: Backend knobs that choose how the same result is computed: never recorded, never part of any id.
+UNRECORDED_BACKEND_KEYS = ("trace",)
 
 
 def recorded_config(run: RunConfig, backend_name: str) -> dict:
     """The config as stored in the result: every field, resolved backend, no output-only fields.
 
-    The backend knobs ``backend_name`` ignores are left out, and ``backend.memory_snapshot``
+    The backend knobs ``backend_name`` ignores and :data:`UNRECORDED_BACKEND_KEYS` are left out, and ``backend.memory_snapshot``
     is recorded only when on (results written before it existed do not have it).
     """
     config = dataclasses.asdict(run)
@@ -53,6 +58,8 @@ def recorded_config(run: RunConfig, backend_name: str) -> dict:
     backend["name"] = backend_name
     for key in IRRELEVANT_BACKEND_KEYS.get(backend_name, ()):
         backend.pop(key)
+    for key in UNRECORDED_BACKEND_KEYS:
+        backend.pop(key, None)
     if not backend.get("memory_snapshot"):
         backend.pop("memory_snapshot", None)
     return config

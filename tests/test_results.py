@@ -111,6 +111,18 @@ def test_a_new_field_with_its_default_renames_nothing(extend, section, key):
     assert recorded_config(at_default, "simulate")[section][key] is False  # still recorded, default or not
 
 
+def test_backend_trace_is_never_recorded_nor_hashed():
+    """backend.trace says how a result is computed (trace or direct: the same bytes), not what: same id, no key."""
+    run = tiny("tiny-llama", "lora_fa", backend="simulate")
+    off = tiny("tiny-llama", "lora_fa", "backend.trace=off", backend="simulate")
+    assert off.backend.trace == "off" and run.backend.trace == "auto"
+    assert result_id(off) == result_id(run)
+    assert "trace" not in recorded_config(off, "simulate")["backend"]
+    assert "trace" not in recorded_config(run, "simulate")["backend"]
+    with pytest.raises(ConfigError, match="backend.trace='sometimes' is not supported; choose one of: auto, off"):
+        tiny("tiny-llama", "lora_fa", "backend.trace=sometimes", backend="simulate")
+
+
 def test_result_file_has_the_mode_open_would_give(result, tmp_path):
     old = os.umask(0o022)
     try:
