@@ -1,0 +1,44 @@
+"""One trace, every workload: a symbolic allocation log answers any batch size and sequence length exactly.
+
+A simulated step's allocation log (:mod:`membench.events`) has the same events for every batch
+size B >= 2 and sequence length S >= 2 (and T5's decoder length T), with sizes that are
+polynomials in them. :func:`record_trace` records it once with B, S, T symbolic;
+:func:`evaluate` evaluates every size for a concrete workload, rounds as the allocator does,
+replays, and gives the Result a direct simulation gives, byte for byte in its metrics.
+
+Modules: :mod:`~membench.trace.symbolic` (the symbolic step), :mod:`~membench.trace.record`
+(the Trace), :mod:`~membench.trace.polynomial` (sizes), :mod:`~membench.trace.evaluate`,
+:mod:`~membench.trace.key` (cache key), :mod:`~membench.trace.cache`, :mod:`~membench.trace.coverage`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from membench.config import RunConfig
+from membench.results import Result
+from membench.trace.cache import default_cache_dir, load_or_record
+from membench.trace.coverage import covered
+from membench.trace.evaluate import evaluate, evaluated_events
+from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
+from membench.trace.record import Trace, record_trace
+from membench.trace.symbolic import TraceNotGeneral
+
+
+def simulate_via_trace(run: RunConfig, cache_dir: Optional[str] = None) -> Result:
+    """``run``'s Result from a (cached) trace where one covers it, else by direct simulation with a note on stderr."""
+    from membench.runner import measure
+
+    reason = covered(run)
+    if reason is None:
+        try:
+            return evaluate(load_or_record(run, cache_dir), run)
+        except TraceNotGeneral as error:
+            reason = str(error)
+    print(f"membench: simulating directly: {reason}", file=sys.stderr)
+    return measure(run)
+
+
+__all__ = ["TRACE_FORMAT_VERSION", "Trace", "TraceNotGeneral", "covered", "default_cache_dir", "evaluate",
+           "evaluated_events", "load_or_record", "record_trace", "simulate_via_trace", "trace_key"]

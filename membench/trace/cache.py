@@ -1,0 +1,85 @@
+"""Traces on disk, keyed by :func:`membench.trace.key.trace_key`: one recording per (model, method, precision, ...).
+
+A cache file holds every trace recorded under one key (usually one; more when a guard gave the
+first a validity range that a later workload lies outside). Files are pickles written atomically
+(:func:`membench.files.write_atomic`); a file that cannot be read is reported on stderr and
+recorded again, never fatal.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Optional
+
+from membench.config import RunConfig
+from membench.files import write_atomic
+from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
+from membench.trace.record import Trace, record_trace
+from membench.trace.symbolic import TraceNotGeneral
+
+#: Keys whose recording found no general trace in this process, and why.
+_not_general: dict[str, str] = {}
+#: Environment variable naming the cache folder.
+CACHE_ENV = "MEMBENCH_TRACE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$MEMBENCH_TRACE_CACHE``, else ``$XDG_CACHE_HOME/membench/traces`` (``~/.cache/membench/traces``)."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "membench" / "traces"
+
+
+def cache_path(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Path:
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / f"{trace_key(run)}.trace.pickle"
+
+
+def _read(path: Path, key: str) -> list[Trace]:
+    """The traces in ``path``; [] when there is none, or (reported on stderr) when it is unreadable."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, "rb") as handle:
+            traces = pickle.load(handle)
+        if not isinstance(traces, list) or not all(isinstance(trace, Trace) for trace in traces):
+            raise ValueError("not a list of traces")
+        if any(trace.key != key or trace.format_version != TRACE_FORMAT_VERSION for trace in traces):
+            raise ValueError("a trace of another key or format")
+        return traces
+    except Exception as error:  # noqa: BLE001 - any unreadable cache file is re-recorded
+        print(f"membench: trace cache file {path} is unreadable ({type(error).__name__}: {error}); "
+              "recording it again", file=sys.stderr)
+        return []
+
+
+def load_or_record(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Trace:
+    """The cached trace that answers ``run``, recording (and caching) one when there is none.
+
+    Raises:
+        TraceNotGeneral: recording found that no trace answers ``run`` (see :func:`record_trace`).
+    """
+    key = trace_key(run)
+    path = cache_path(run, cache_dir)
+    traces = _read(path, key)
+    for trace in traces:
+        if trace.contains(run) is None:
+            return trace
+    if key in _not_general:
+        raise TraceNotGeneral(_not_general[key])
+    try:
+        trace = record_trace(run)
+    except TraceNotGeneral as error:
+        _not_general[key] = str(error)  # not again in this process (a sweep would pay for it per point)
+        raise
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, pickle.dumps([*traces, trace], protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError as error:
+        print(f"membench: could not cache the trace in {path} ({error}); using it uncached", file=sys.stderr)
+    return trace

@@ -1,0 +1,76 @@
+"""Which runs a trace answers exactly, in one place; every other run is simulated directly.
+
+Covered means tested (tests/test_trace.py: a grid of batch sizes and sequence lengths evaluated
+from one trace equals direct simulation byte for byte). A structure outside these sets may well
+trace correctly, but nothing has checked it, so it falls back with a one-line reason.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from membench.config import RunConfig
+
+#: Model families (transformers ``model_type``) and the task each is covered with.
+FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "causal_lm"}
+METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing, any rank/dropout
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
+ATTENTION = ("sdpa", "eager")
+OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
+
+
+def covered(run: RunConfig) -> Optional[str]:
+    """None when a trace answers ``run`` exactly; else the one-line reason it is simulated directly.
+
+    A recorded trace may still be narrower (a guard on one size gives it a validity range, see
+    :meth:`membench.trace.record.Trace.contains`): that is checked against the trace itself.
+    """
+    from membench.backends import resolve_name
+    from membench.trace.key import fake_device
+
+    backend = run.backend
+    if getattr(backend, "trace", "auto") == "off":
+        return "backend.trace=off"
+    name = resolve_name(backend)
+    if name != "simulate":
+        return f"backend {name} measures, it does not simulate"
+    if backend.memory_snapshot:
+        return "memory snapshots come from a direct run"
+    if fake_device(run) != "cpu":
+        return "fake CUDA tensors are not covered yet (only fake CPU tensors with cuda_semantics)"
+    if not backend.cuda_semantics:
+        return "backend.cuda_semantics=false is not covered"
+    workload = run.workload
+    if workload.batch_size == 1:
+        return "batch size 1 takes other code paths (no label copy, no clone in eager matmul)"
+    if workload.seq_len == 1:
+        return "sequence length 1 takes other code paths (mm instead of bmm)"
+    if workload.target_len == 1:
+        return "target length 1 takes other code paths (mm instead of bmm)"
+    if workload.measured_steps != 1:
+        return f"workload.measured_steps={workload.measured_steps} is not covered (1 is)"
+    model_type = _model_type(run)
+    if model_type not in FAMILIES:
+        return f"model family {model_type!r} is not covered ({', '.join(FAMILIES)} are)"
+    if run.model.task not in (FAMILIES[model_type], "auto"):
+        return f"{model_type} with task {run.model.task} is not covered"
+    if run.model.attn_implementation not in ATTENTION:
+        return f"attention {run.model.attn_implementation!r} is not covered"
+    if run.method.kind not in METHOD_KINDS:
+        return f"method.kind={run.method.kind} is not covered"
+    if run.train.precision not in PRECISIONS:
+        return f"train.precision={run.train.precision} is not covered"
+    if run.train.optimizer_impl not in OPTIMIZER_IMPLS:
+        return f"train.optimizer_impl={run.train.optimizer_impl} is not covered"
+    return None
+
+
+def _model_type(run: RunConfig) -> Optional[str]:
+    if run.model.model_type:
+        return run.model.model_type
+    try:
+        from membench.models import load_hf_config
+
+        return load_hf_config(run.model).model_type
+    except Exception:  # noqa: BLE001 - an unloadable config is the direct run's error to report
+        return None

@@ -1,0 +1,64 @@
+"""The cache key of a trace: everything in a run's identity except the sizes a trace leaves symbolic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from membench.config import RunConfig
+from membench.identity import recorded_config
+
+#: Bump when the layout of :class:`membench.trace.record.Trace` or what it means changes.
+TRACE_FORMAT_VERSION = 1
+#: Workload fields a trace keeps symbolic (B, S, T).
+SYMBOLIC_FIELDS = ("batch_size", "seq_len", "target_len")
+#: Backend knobs that say how a result is computed, not what it is.
+HOW_NOT_WHAT = ("trace",)
+#: The parts of membench whose code decides what a simulated step allocates (hashed into the key).
+_SIMULATION_CODE = ("*.py", "backends/*.py", "compat/*.py", "trace/*.py")
+_PACKAGE = Path(__file__).resolve().parent.parent
+_code_digest: Optional[str] = None
+
+
+def code_digest() -> str:
+    """A digest of membench's simulation code, so a cached trace never outlives the code that recorded it."""
+    global _code_digest
+    if _code_digest is None:
+        digest = hashlib.sha256()
+        for pattern in _SIMULATION_CODE:
+            for path in sorted(_PACKAGE.glob(pattern)):
+                digest.update(path.relative_to(_PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _code_digest = digest.hexdigest()[:16]
+    return _code_digest
+
+
+def fake_device(run: RunConfig) -> str:
+    """The fake tensor device ``simulate`` will use for ``run`` (as :class:`SimulateBackend` resolves it)."""
+    wanted = run.backend.fake_device
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def key_fields(run: RunConfig) -> dict:
+    """What the key hashes: the recorded simulate config without B, S, T, plus versions and the fake device."""
+    import peft
+    import transformers
+
+    config = recorded_config(run, "simulate")
+    for name in SYMBOLIC_FIELDS:
+        config["workload"].pop(name, None)
+    for name in HOW_NOT_WHAT:
+        config["backend"].pop(name, None)
+    return {"config": config, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trace_format": TRACE_FORMAT_VERSION, "membench_code": code_digest(),
+            "fake_device": fake_device(run)}
+
+
+def trace_key(run: RunConfig) -> str:
+    """``<model>--<method>--<precision>--<digest>``: equal for runs that differ only in B, S and T."""
+    canonical = json.dumps(key_fields(run), sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:20]
+    return "--".join([run.model.name, run.method.name, run.train.precision, digest])

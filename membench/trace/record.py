@@ -1,0 +1,230 @@
+"""A recorded symbolic trace: the allocation log of one step with sizes as polynomials in (B, S, T).
+
+:func:`record_trace` runs the step once on a :class:`membench.trace.symbolic.SymbolicBackend`
+and stores what :func:`membench.trace.evaluate.evaluate` needs to rebuild the Result of any
+workload: the event sequence (which allocation each free releases, the phase marks), each
+allocation's size as an expression, each saved storage's size, module and op, and the figures
+that do not depend on the workload (parameters, weights, gradients, env pieces). Everything in
+a :class:`Trace` is plain data (numpy arrays, strings, ints, sympy expressions): it pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from unittest import mock
+
+import numpy as np
+import sympy
+
+import membench.step
+from membench.config import RunConfig
+from membench.devices import DEVICES
+from membench.events import ALLOC, FREE, PHASE, WORKSPACE
+from membench.plan import plan
+from membench.runner import _measure, warmup
+from membench.saved_tensors import op_name
+from membench.step import Progress
+from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
+from membench.trace.polynomial import Polynomials
+from membench.trace.symbolic import DIMS, At, Span, SymbolicBackend, SymbolicSavedCounter, TraceNotGeneral, expression
+
+#: Event kinds as stored in :attr:`Trace.kinds`.
+KIND_ALLOC, KIND_FREE, KIND_PHASE = 0, 1, 2
+#: Metrics the reserved-memory replay fills after the step (evaluate replays them from the evaluated log).
+RESERVED_FIGURES = ("peak_reserved_bytes", "reserved_segments", "fragmentation_bytes", "num_alloc_retries")
+
+
+def workload_dims(run: RunConfig) -> tuple[int, int, int]:
+    """(B, S, T) of ``run``: T is the decoder length of a seq2seq model, else S."""
+    workload = run.workload
+    target = (workload.target_len or workload.seq_len) if run.model.task == "seq2seq_lm" else workload.seq_len
+    return workload.batch_size, workload.seq_len, target
+
+
+@dataclass
+class Trace:
+    """One step's allocation log, symbolic in the workload's sizes.
+
+    Attributes:
+        key: :func:`membench.trace.key.trace_key` of the run it was recorded from.
+        hints: (B, S, T) of that run.
+        validity: {"B"|"S"|"T": (lowest, highest)} the trace answers exactly.
+        polynomials: Every distinct size expression (:class:`membench.trace.polynomial.Polynomials`).
+        kinds: Per event, KIND_ALLOC / KIND_FREE / KIND_PHASE.
+        sizes: Per event, the index of its size in ``polynomials`` (allocations), else -1.
+        frees: Per event, the index of the allocation event a free releases, else -1.
+        ops: Per event, the op name of an allocation (``None`` for tensors made before tracking,
+            :data:`membench.events.WORKSPACE`), else None.
+        phases: {event index: (phase, label)} of the phase marks.
+        allocated_at: {phase_allocated_bytes key: number of events before it was read}, in order.
+        spans: {metric: (start, end)}: metrics that are allocated(end) - allocated(start).
+        saved: The saved storages of the measured forward: (size index, module path, op name).
+        metrics: The workload-independent metrics (parameters, weights, gradients, ...).
+        env: The workload-independent env pieces of the result (backend, plan, warm-up).
+        record_s: Seconds the recording took.
+    """
+
+    key: str
+    hints: tuple[int, int, int]
+    validity: dict[str, tuple[int, int]]
+    polynomials: Polynomials
+    kinds: np.ndarray
+    sizes: np.ndarray
+    frees: np.ndarray
+    ops: list[Optional[str]]
+    phases: dict[int, tuple[str, str]]
+    allocated_at: dict[str, int]
+    spans: dict[str, tuple[int, int]]
+    saved: list[tuple[int, str, str]]
+    metrics: dict[str, Any]
+    env: dict[str, Any]
+    record_s: float = 0.0
+    format_version: int = TRACE_FORMAT_VERSION
+
+    def contains(self, run: RunConfig) -> Optional[str]:
+        """None when ``run``'s sizes lie in :attr:`validity`, else why not (one line)."""
+        for name, value in zip(DIMS, workload_dims(run)):
+            low, high = self.validity[name]
+            if not low <= value <= high:
+                return f"{name}={value} is outside the trace's validity range [{low}, {high}]"
+        return None
+
+
+@contextmanager
+def _symbolic_saved_counters(made: list):
+    """Make the measured loop count saved tensors with :class:`SymbolicSavedCounter` (collected in ``made``)."""
+
+    class Collected(SymbolicSavedCounter):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    with mock.patch.object(membench.step, "SavedTensorCounter", Collected):
+        yield
+
+
+def plan_env(the_plan) -> dict[str, Any]:
+    """The plan's part of a result's ``env``, in :func:`membench.runner.execute`'s order and names."""
+    env = {"target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
+           "adapted_layers": len(the_plan.adapted)}
+    resolution = getattr(the_plan, "resolution", None) or {}
+    env.update({f"resolved_{key}" if key in ("task", "attn_implementation") else key: value
+                for key, value in resolution.items()})
+    not_adapted = getattr(the_plan, "not_adapted", None)
+    if not_adapted:
+        env["not_adapted"] = not_adapted
+    return env
+
+
+def _label(func) -> Optional[str]:
+    if func is None or func == WORKSPACE:
+        return func
+    return op_name(func)
+
+
+def record_trace(run: RunConfig) -> Trace:
+    """Simulate one step of ``run`` with B, S (and T) symbolic, and keep its allocation log as a :class:`Trace`.
+
+    Raises:
+        TraceNotGeneral: the step depends on the sizes beyond single-symbol bounds, the symbolic
+            step failed, or the trace does not reproduce its own recorded run (a safety check).
+        ConfigError: ``run`` is invalid (as :func:`membench.plan.plan` raises).
+    """
+    started = time.perf_counter()
+    the_plan = plan(run)
+    hints = workload_dims(run)
+    config = run.backend
+    backend = SymbolicBackend(DEVICES[config.device], config.cuda_semantics, config.fake_device, hints,
+                              seq2seq=run.model.task == "seq2seq_lm")
+    events = backend.tracker.record()
+    counters: list[SymbolicSavedCounter] = []
+    progress = Progress()
+    try:
+        with _symbolic_saved_counters(counters):
+            metrics = _measure(the_plan, backend, progress)
+    except TraceNotGeneral:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the symbolic step means: simulate directly
+        first = "".join(traceback.format_exception_only(error)).strip().splitlines()[0]
+        raise TraceNotGeneral(f"the symbolic step failed in {progress.phase}: {first}") from error
+    finally:
+        backend.cleanup()
+    validity = backend.validity()
+    rename = {backend.symbols[name]: sympy.Symbol(name, integer=True, positive=True) for name in DIMS}
+
+    polynomials = Polynomials(DIMS)
+    kinds = np.empty(len(events), dtype=np.int8)
+    sizes = np.full(len(events), -1, dtype=np.int64)
+    frees = np.full(len(events), -1, dtype=np.int64)
+    ops: list[Optional[str]] = [None] * len(events)
+    phases: dict[int, tuple[str, str]] = {}
+    live: dict[int, int] = {}
+    for index, event in enumerate(events):
+        kind = event[0]
+        if kind == ALLOC:
+            kinds[index] = KIND_ALLOC
+            sizes[index] = polynomials.add(expression(event[2]).xreplace(rename))
+            ops[index] = _label(event[3])
+            live[event[1]] = index
+        elif kind == FREE:
+            kinds[index] = KIND_FREE
+            frees[index] = live.pop(event[1])
+        elif kind == PHASE:
+            kinds[index] = KIND_PHASE
+            phases[index] = (event[1], event[2])
+        else:
+            raise TraceNotGeneral(f"unknown event kind {kind!r} in the allocation log")
+    events.clear()
+
+    counter = counters[-1]
+    saved = [(polynomials.add(size.xreplace(rename)), module, op_name(op))
+             for size, module, op in counter.symbolic.values()]
+    allocated_at = {}
+    for name, value in metrics.phase_allocated_bytes.items():
+        if not isinstance(value, At):
+            raise TraceNotGeneral(f"phase_allocated_bytes[{name!r}] was not read from the tracker")
+        allocated_at[name] = value.index
+    spans = {}
+    constant = {}
+    for name in (item.name for item in dataclasses.fields(metrics)):
+        if name in ("phase_allocated_bytes", "phase_peak_bytes", "peak_allocated_bytes", "saved_tensor_bytes") \
+                or name.startswith("saved_"):
+            continue
+        attribute = getattr(metrics, name)
+        if isinstance(attribute, Span):
+            spans[name] = (attribute.start, attribute.end)
+        else:
+            constant[name] = attribute if not isinstance(attribute, int) or isinstance(attribute, bool) \
+                else int(attribute)
+    warmup_steps, primed = warmup(run, backend)
+    env = {"backend": backend.name, **backend.describe(), "plan": plan_env(the_plan),
+           "warmup_steps_run": warmup_steps, "optimizer_primed": primed}
+    # As runner.execute does after the step.
+    metrics.runtime_overhead_bytes = constant["runtime_overhead_bytes"] = env.get("runtime_overhead_bytes", 0)
+    trace = Trace(key=trace_key(run), hints=hints, validity=validity, polynomials=polynomials.freeze(),
+                  kinds=kinds, sizes=sizes, frees=frees, ops=ops, phases=phases, allocated_at=allocated_at,
+                  spans=spans, saved=saved, metrics=constant, env=env)
+    trace.record_s = round(time.perf_counter() - started, 3)
+    _check_against_hints(trace, run, metrics)
+    return trace
+
+
+def _check_against_hints(trace: Trace, run: RunConfig, recorded) -> None:
+    """The trace evaluated at its own hints must give the metrics the symbolic step counted on them."""
+    from membench.trace.evaluate import evaluate_metrics
+
+    mine = dataclasses.asdict(evaluate_metrics(trace, *trace.hints))
+    theirs = {name: value for name, value in dataclasses.asdict(recorded).items()
+              if name not in RESERVED_FIGURES}
+    theirs = {name: (int(value) if isinstance(value, int) and not isinstance(value, bool) else value)
+              for name, value in theirs.items()}
+    different = sorted(name for name in theirs if mine.get(name) != theirs[name])
+    if different:
+        print(f"membench: trace self-check differs in {', '.join(different)}", file=sys.stderr)
+        raise TraceNotGeneral(f"the trace does not reproduce its own run ({', '.join(different)} differ)")

@@ -1,0 +1,213 @@
+"""Recording one simulated step with the batch size and sequence lengths symbolic.
+
+The step is membench's own (:func:`membench.runner._measure` on a :class:`SymbolicBackend`):
+the same model, method, optimizer and measured loop as ``simulate``, on fake tensors whose
+batch dimensions are ``SymInt``s of a ``ShapeEnv``. Every storage's ``nbytes()`` is then a
+sympy expression in the symbols. Pitfalls this module avoids (see the project's trace notes):
+
+* The Python dispatcher is on for the whole step (kept alive, one guard object), else
+  C++ kernels read concrete sizes and specialise the symbols.
+* The symbols are bounded (``2 <= dim <= MAX_DIM``): an unbounded symbol misses shortcuts
+  (a full slice stays a view only when its bound is known).
+* Nothing compares a ``SymInt`` during the step: the tracker keeps its running totals on the
+  hint values (the recorded run's own sizes), and the saved-tensor counter, which sorts by
+  size, counts hints while keeping each storage's symbolic size on the side.
+* Whatever guards the step did add are checked afterwards (:func:`validity`): a guard that
+  only bounds a symbol narrows the trace's validity box; any other is :class:`TraceNotGeneral`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import sympy
+import torch
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.utils._sympy.value_ranges import bound_sympy
+
+from membench.allocator import allocator_bytes
+from membench.backends.simulate import SimulateBackend
+from membench.backends.tracker import AllocationTracker
+from membench.compat import FakeTensorMode, storage_id, when_storage_freed
+from membench.events import ALLOC
+from membench.saved_tensors import SavedTensorCounter
+
+#: Upper bound declared for every symbolic dimension (batch size, sequence lengths).
+MAX_DIM = 1 << 20
+#: The symbols, in the order a trace stores them.
+DIMS = ("B", "S", "T")
+
+
+class TraceNotGeneral(Exception):
+    """The symbolic step took a size-dependent path a trace cannot express: simulate directly."""
+
+
+def hint(value) -> int:
+    """The concrete value of an int or backed ``SymInt`` (its hint), without adding a guard."""
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    return int(value)
+
+
+def expression(value) -> sympy.Expr:
+    """The sympy expression of a ``SymInt`` (an Integer for a plain int)."""
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return sympy.Integer(int(value))
+
+
+class At(int):
+    """Allocated bytes (on hints) that also remember where in the event log they were read."""
+
+    index: int
+
+    def __new__(cls, value: int, index: int) -> "At":
+        self = super().__new__(cls, value)
+        self.index = index
+        return self
+
+    def __reduce__(self):  # copies (dataclasses.asdict) are plain ints
+        return int, (int(self),)
+
+    def __sub__(self, other):
+        if isinstance(other, At):
+            return Span(int(self) - int(other), other.index, self.index)
+        return int(self) - other
+
+
+class Span(int):
+    """A difference of two :class:`At` values: allocated at ``end`` minus allocated at ``start``."""
+
+    start: int
+    end: int
+
+    def __new__(cls, value: int, start: int, end: int) -> "Span":
+        self = super().__new__(cls, value)
+        self.start, self.end = start, end
+        return self
+
+    def __reduce__(self):
+        return int, (int(self),)
+
+
+class SymbolicTracker(AllocationTracker):
+    """The allocator model, logging each storage's symbolic size and counting its hint."""
+
+    def track(self, tensor: torch.Tensor, func=None) -> None:
+        if tensor.device.type != self.device_type:
+            return
+        storage = tensor.untyped_storage()
+        key = storage_id(storage)
+        if key in self._live or key in self._forgotten:
+            return
+        nbytes = storage.nbytes()  # a SymInt: logged as is, never compared
+        size = allocator_bytes(hint(nbytes))
+        self._live[key] = size
+        if func is not None:
+            self._origin[key] = func
+        if self.events is not None:
+            self.events.append((ALLOC, key, nbytes, func))
+        self.allocated += size
+        if self.allocated > self.peak:
+            self.peak = self.allocated
+        when_storage_freed(storage, self._release, key)
+
+
+class SymbolicSavedCounter(SavedTensorCounter):
+    """Counts saved storages on hints (its sorting adds no guard) and keeps their symbolic sizes.
+
+    Attributes:
+        symbolic: storage key -> (size expression, module path, op) for the last counted forward.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.symbolic: dict[int, tuple] = {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage_id(storage)
+        if key not in self._excluded and key not in self._seen:
+            nbytes = storage.nbytes()
+            op = self._origin(storage)
+            self._seen[key] = (hint(nbytes), self._stack[-1], op)
+            self.symbolic[key] = (expression(nbytes), self._stack[-1], op)
+        return tensor
+
+    @contextlib.contextmanager
+    def counting(self, origin=None) -> Iterator["SavedTensorCounter"]:
+        self.symbolic = {}
+        with super().counting(origin) as counter:
+            yield counter
+
+
+class SymbolicBackend(SimulateBackend):
+    """``simulate`` with a shape environment: the batch's dimensions are symbols hinted by the run's sizes.
+
+    Args:
+        hints: The concrete (B, S, T) of the recorded run; T is the decoder length (seq2seq) or S.
+        seq2seq: Whether a second batch tensor's length is T (labels of a seq2seq model).
+    """
+
+    def __init__(self, profile, cuda_semantics: bool, fake_device: str, hints: tuple[int, int, int],
+                 seq2seq: bool) -> None:
+        super().__init__(profile, cuda_semantics, fake_device)
+        self.tracker = SymbolicTracker(self.device.type)
+        # No duck sizing: B, S and T stay three symbols even when their hints are equal.
+        self.shape_env = ShapeEnv(duck_shape=False)
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=self.shape_env)
+        self.seq2seq = seq2seq
+        self._batches = 0
+        template = self.fake_mode.from_tensor(
+            torch.empty(hints, device="meta"), source=ConstantSource("workload"),
+            symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3))
+        self.dims = tuple(template.shape)
+        with self.fake_mode:
+            for dim in self.dims:
+                torch._check(dim <= MAX_DIM)
+        self.symbols = {name: expression(dim) for name, dim in zip(DIMS, self.dims)}
+        if any(not isinstance(symbol, sympy.Symbol) for symbol in self.symbols.values()):
+            raise TraceNotGeneral(f"batch dimensions {hints} were specialised, not made symbolic")
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        batch, seq, target = self.dims
+        length = target if self.seq2seq and self._batches > 0 else seq
+        self._batches += 1
+        wanted = (batch, length)[:tensor.dim()]
+        if tensor.dim() > 2 or tuple(tensor.shape) != tuple(hint(dim) for dim in wanted):
+            raise TraceNotGeneral(f"a batch tensor of shape {tuple(tensor.shape)} is not (batch, length)")
+        with self.fake_mode:
+            return torch.empty(wanted, dtype=tensor.dtype, device=self.device)
+
+    def allocated(self) -> At:
+        events = self.tracker.events
+        return At(self.tracker.allocated, 0 if events is None else len(events))
+
+    @contextlib.contextmanager
+    def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        dispatcher = torch._C._EnablePythonDispatcher()  # noqa: F841 - an RAII guard: alive for the step
+        with super().session(tensors):
+            yield
+        del dispatcher
+
+    def validity(self) -> dict[str, tuple[int, int]]:
+        """The box of (B, S, T) in which the recorded step is the step of every size.
+
+        Raises:
+            TraceNotGeneral: a guard the step added is not implied by bounds on single symbols.
+        """
+        ranges = {}
+        for name, symbol in self.symbols.items():
+            if symbol in self.shape_env.replacements:
+                raise TraceNotGeneral(f"{name} was specialised to {self.shape_env.replacements[symbol]}")
+            bound = self.shape_env.var_to_range[symbol]
+            ranges[name] = (max(2, int(bound.lower)), min(MAX_DIM, int(bound.upper)))
+        var_ranges = {symbol: self.shape_env.var_to_range[symbol] for symbol in self.symbols.values()}
+        for guard in self.shape_env.guards:
+            implied = bound_sympy(guard.expr, var_ranges)
+            if not (implied.is_singleton() and bool(implied.lower) is True):
+                text = str(guard.expr.xreplace({symbol: sympy.Symbol(name) for name, symbol in self.symbols.items()}))
+                raise TraceNotGeneral(f"the step depends on the workload's sizes beyond bounds: guard {text}")
+        return ranges
