@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from membench import tracing
 from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
@@ -54,14 +55,14 @@ def job_number() -> Optional[int]:
 
 
 def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
-    """Measure one config unless its result exists.
+    """Measure one config unless its result exists (:func:`membench.tracing.measure`: simulated runs
+    with ``backend.trace=auto`` come from a cached trace, so a sweep pays one trace per structure).
 
     Returns:
         (state, line): ``ok``/``oom``/``error``/``skipped`` and the progress line printed for it.
     """
     from membench.files import check_writable_dir
     from membench.results import write_result
-    from membench.runner import measure
     from membench.summary import describe_config, headline, summarize
     from membench.sweep import existing_result
 
@@ -72,7 +73,7 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
         print(line, flush=True)
         return "skipped", line
     check_writable_dir(run.results_dir, key="results_dir")  # before minutes of measuring, not after
-    result = measure(run)
+    result = tracing.measure(run)  # simulate + backend.trace=auto: from a cached trace where one covers it
     path = write_result(result, run.results_dir)
     line = f"{position(number)}{headline(result)}"
     if number is None:

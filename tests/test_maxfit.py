@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -189,3 +190,110 @@ def test_report_text_for_limits_and_units():
         "(m, bf16, r=8, batch 4)"]
     assert maxfit.budget_label(3 << 20) == "3.00 MiB" and maxfit.budget_label(40 << 30) == "40 GiB"
     assert "| 24 GiB | 512 (the model's maximum) | none |" in maxfit.markdown_table(df)
+
+
+# --- on traces (backend.trace=auto): the stand-in engine until membench.trace lands, then the real one ---
+
+SIM = ("model=tiny-llama", "method=lora", "method.rank=4", "backend.name=simulate", "workload.batch_size=2",
+       "workload.seq_len=16")
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """The trace engine the commands see: the real membench.trace when complete, else a counting stand-in."""
+    from membench import tracing
+    from trace_stand_in import StandInEngine
+
+    real = tracing.engine()
+    if real is not None:
+        return real
+    stand_in = StandInEngine()
+    monkeypatch.setattr(tracing, "engine", lambda: stand_in)
+    return stand_in
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """Counts direct simulations (every probe not evaluated from a trace goes through maxfit.execute)."""
+    calls = []
+    real_execute = maxfit.execute
+
+    def counting(the_plan, backend=None):
+        calls.append((the_plan.run.workload.batch_size, the_plan.run.workload.seq_len))
+        return real_execute(the_plan, backend)
+
+    monkeypatch.setattr(maxfit, "execute", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def sim_budgets():
+    """Budgets between simulated peaks: batch 5|6 at seq 16, seq 40|41 at batch 2 (both searches start at 2)."""
+    def sim_peak(*extra):
+        return measure(run_config(*SIM, *extra)).metrics["peak_allocated_bytes"]
+    return [(sim_peak("workload.batch_size=5") + sim_peak("workload.batch_size=6")) // 2,
+            (sim_peak("workload.seq_len=40") + sim_peak("workload.seq_len=41")) // 2]
+
+
+def _answers(rows):
+    return [(r["method"], r["dimension"], r["budget_bytes"], r["max_fit"], r["peak_bytes_at_max_fit"],
+             r["peak_bytes_at_next"], r["limited_by"]) for r in rows]
+
+
+def test_search_on_traces_equals_direct_search_and_confirms_at_n_and_n_plus_1(engine, direct_calls, sim_budgets):
+    runs = [run_config(*SIM), run_config(*SIM[:1], "method=lora_fa", *SIM[2:])]
+    assert maxfit.uses_trace(runs[0])
+    traced = maxfit.maxfit_rows(runs, ["batch_size", "seq_len"], sim_budgets, confirm="method")
+    # One confirmation per method: the direct simulations are exactly its n and n + 1.
+    confirmed = [r for r in traced if r["confirmed"]]
+    assert [r["method"] for r in confirmed] == ["lora", "lora_fa"]
+    expected = []
+    for row in confirmed:
+        n = row["max_fit"]
+        fixed = row["fixed_seq_len"] if row["dimension"] == "batch_size" else row["fixed_batch_size"]
+        expected += [(x, fixed) if row["dimension"] == "batch_size" else (fixed, x) for x in (n, n + 1)]
+    assert sorted(direct_calls) == sorted(expected)
+    assert all(r["trace"] for r in traced) and all(r["new_probes"] <= r["probes"] for r in traced)
+
+    direct_calls.clear()
+    off = [dataclasses.replace(r, backend=dataclasses.replace(r.backend, trace="off")) for r in runs]
+    assert not maxfit.uses_trace(off[0])
+    direct = maxfit.maxfit_rows(off, ["batch_size", "seq_len"], sim_budgets)
+    assert _answers(direct) == _answers(traced)
+    assert len(direct_calls) == sum(r["new_probes"] for r in direct)  # backend.trace=off: every probe direct
+    assert all(r["trace"] is None and r["confirmed"] is None for r in direct)
+
+
+def test_confirm_off_simulates_nothing_directly_and_all_confirms_every_answer(engine, direct_calls, sim_budgets):
+    run = run_config(*SIM)
+    rows = maxfit.maxfit_rows([run], ["batch_size"], sim_budgets, confirm="off")
+    assert direct_calls == [] and all(r["confirmed"] is None for r in rows)
+    rows = maxfit.maxfit_rows([run], ["batch_size"], sim_budgets, confirm="all")
+    assert all(r["confirmed"] for r in rows)
+    assert sorted(direct_calls) == sorted({(x, 16) for r in rows for x in (r["max_fit"], r["max_fit"] + 1)})
+
+
+def test_nothing_fits_on_a_trace_probes_size_1_directly(engine, direct_calls):
+    (found,) = maxfit.find_max_fit(run_config(*SIM), "batch_size", [1000],
+                                   prober=maxfit.Prober(maxfit.plan(run_config(*SIM)), via_trace=True))
+    assert found.max_fit is None and found.limited_by == "memory" and found.probes == 2  # 2 (also the start), then 1
+    assert direct_calls == [(1, 16)]
+
+
+def test_a_trace_that_disagrees_with_direct_simulation_is_searched_again_directly(monkeypatch, direct_calls,
+                                                                                  sim_budgets):
+    from membench import tracing
+    from trace_stand_in import StandInEngine
+
+    monkeypatch.setattr(tracing, "engine", lambda: StandInEngine(offset=512))  # a broken trace
+    lines = []
+    rows = maxfit.maxfit_rows([run_config(*SIM)], ["batch_size"], sim_budgets, log=lines.append)
+    assert any("disagrees with direct simulation" in line for line in lines)
+    direct = maxfit.maxfit_rows([run_config(*SIM, "backend.trace=off")], ["batch_size"], sim_budgets)
+    assert _answers(rows) == _answers(direct) and all(r["trace"] is None for r in rows)
+
+
+def test_bad_confirm_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(maxfit, "execute", lambda *a, **k: pytest.fail("probed despite bad input"))
+    with pytest.raises(ConfigError, match="maxfit.confirm='sometimes' is not supported; choose one of: method"):
+        run_app("model=tiny-llama", "maxfit.confirm=sometimes")

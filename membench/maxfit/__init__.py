@@ -48,6 +48,14 @@ Each row records ``probes`` (points its search consulted) and ``new_probes`` (of
 ones it ran; the others came from the cache). A probe that fails (status ``error``) ends that
 search with ``limited_by="error"`` and the message, and the other searches go on.
 
+**On traces.** With ``simulate`` and ``backend.trace=auto`` (the default), each method's probes are
+evaluated from its symbolic trace (:mod:`membench.trace`: recorded once per structure and cached on
+disk, then milliseconds a probe, byte-identical to a direct simulation); the search then starts at 2
+(size 1 is simulated directly, and only when 2 does not fit). ``maxfit.confirm`` simulates answers
+directly at n and n + 1 (``method``: one answer per method, the default; ``once``; ``all``; ``off``);
+if one disagrees, that method is searched again by direct simulation. Rows record the ``trace`` and
+whether they were ``confirmed``. ``backend.trace=off`` probes by direct simulation throughout.
+
 **Verification.** ``maxfit.verify=true`` re-measures each answer and answer + 1 on the
 ``cuda`` backend and records ``verified_on`` (the GPU), the measured peaks and whether they
 agree. Without a GPU it fails before any probe, with the cuda backend's own ConfigError.
@@ -58,6 +66,7 @@ Python API: :func:`find_max_fit` (one method, one dimension, several budgets),
 """
 
 from membench.maxfit.config import (
+    CONFIRM,
     DIMENSIONS,
     GiB,
     MaxFitConfig,
@@ -69,7 +78,8 @@ from membench.maxfit.config import (
 from membench.maxfit.probe import Probe, Prober
 from membench.maxfit.search import LIMITS, Finding, find_max_fit, search_backend, search_limit
 from membench.maxfit.text import GROUP, NOUN, budget_label, fit_text, markdown_table, sentences
-from membench.maxfit.rows import COLUMNS, INT_COLUMNS, cuda_available_or_raise, maxfit_rows, verify
+from membench.maxfit.rows import (COLUMNS, INT_COLUMNS, confirm_finding, cuda_available_or_raise, maxfit_rows,
+                                  uses_trace, verify)
 from membench.maxfit.files import KIND, SCHEMA_VERSION, load_maxfit, write_maxfit
 from membench.maxfit.files import _typed as _typed  # private, but the tests type frames with it
 from membench.maxfit.cli import ADAPTER_ONLY_KEYS, NOTE, main, method_runs, run_maxfit
@@ -77,9 +87,9 @@ from membench.plan import plan
 from membench.runner import execute  # probes call membench.maxfit.execute (replaceable in tests)
 
 __all__ = [
-    "ADAPTER_ONLY_KEYS", "COLUMNS", "DIMENSIONS", "GROUP", "INT_COLUMNS", "KIND", "LIMITS", "NOTE", "NOUN",
+    "ADAPTER_ONLY_KEYS", "COLUMNS", "CONFIRM", "DIMENSIONS", "GROUP", "INT_COLUMNS", "KIND", "LIMITS", "NOTE", "NOUN",
     "SCHEMA_VERSION", "Finding", "GiB", "MaxFitConfig", "MaxFitRunConfig", "Probe", "Prober", "budget_label",
-    "check_budgets", "check_dimensions", "cuda_available_or_raise", "execute", "find_max_fit", "fit_text",
+    "check_budgets", "check_dimensions", "confirm_finding", "cuda_available_or_raise", "execute", "find_max_fit", "fit_text",
     "load_maxfit", "main", "markdown_table", "maxfit_rows", "method_runs", "plan", "register_maxfit_configs",
-    "run_maxfit", "search_backend", "search_limit", "sentences", "verify", "write_maxfit",
+    "run_maxfit", "search_backend", "search_limit", "sentences", "uses_trace", "verify", "write_maxfit",
 ]

@@ -16,7 +16,7 @@ from membench.errors import ConfigError
 from membench.files import check_writable_dir
 from membench.maxfit.config import MaxFitConfig, register_maxfit_configs
 from membench.maxfit.files import _typed, write_maxfit
-from membench.maxfit.rows import cuda_available_or_raise, maxfit_rows
+from membench.maxfit.rows import cuda_available_or_raise, maxfit_rows, uses_trace
 from membench.maxfit.search import search_backend
 from membench.maxfit.text import budget_label, markdown_table, sentences
 
@@ -68,11 +68,13 @@ def run_maxfit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[...,
         cuda_available_or_raise()
     check_writable_dir(settings.output, key="maxfit.output")  # the search takes minutes; fail before it
     started = time.perf_counter()
+    how = search_backend(runs[0]) + (" (evaluating traces)" if uses_trace(runs[0]) else "")
     print(f"membench-maxfit: {runs[0].model.name}, methods {', '.join(r.method.name for r in runs)}; "
-          f"budgets {', '.join(budget_label(b) for b in budgets)}; searching with {search_backend(runs[0])}",
+          f"budgets {', '.join(budget_label(b) for b in budgets)}; searching with {how}",
           file=out, flush=True)
     rows = maxfit_rows(runs, settings.dimensions, budgets, search_cap=settings.search_cap,
-                       verify_on_cuda=settings.verify, log=lambda line: print(line, file=out, flush=True))
+                       verify_on_cuda=settings.verify, confirm=settings.confirm,
+                       log=lambda line: print(line, file=out, flush=True))
     elapsed = time.perf_counter() - started
     recorded = {"runs": [dataclasses.asdict(r) for r in runs], "budgets_bytes": budgets,
                 "dimensions": list(settings.dimensions), "search_cap": settings.search_cap,
@@ -84,7 +86,7 @@ def run_maxfit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[...,
     frame = _typed(pd.DataFrame(rows))
     print("", markdown_table(frame), "", *sentences(frame), "", NOTE, sep="\n", file=out)
     total = sum(row["new_probes"] for row in rows)
-    print(f"{total} probes in {elapsed:.0f} s; wrote {json_path} and {csv_path}", file=out, flush=True)
+    print(f"{total} probes in {elapsed:.1f} s; wrote {json_path} and {csv_path}", file=out, flush=True)
     return rows, json_path, csv_path
 
 

@@ -16,6 +16,7 @@ from membench.config import (
     RunConfig,
     TrainConfig,
     WorkloadConfig,
+    check_choice,
     check_positive,
     register_configs,
 )
@@ -23,6 +24,8 @@ from membench.errors import ConfigError
 
 GiB = 1 << 30
 DIMENSIONS = ("batch_size", "seq_len")
+#: Which answers of a search on traces a direct simulation confirms at n and n + 1.
+CONFIRM = ("method", "once", "all", "off")
 
 
 @dataclass
@@ -35,10 +38,12 @@ class MaxFitConfig:
     dimensions: list[str] = field(default_factory=lambda: list(DIMENSIONS))
     search_cap: int = 65536
     verify: bool = False
+    confirm: str = "method"
     output: str = "results/maxfit"
 
     def __post_init__(self) -> None:
         check_positive("maxfit.search_cap", self.search_cap)
+        check_choice("maxfit.confirm", self.confirm, CONFIRM)
         check_dimensions(self.dimensions)
         if not self.methods:
             raise ConfigError("maxfit.methods=[] names no method; e.g. [full, lora, lora_fa, lora_recompute]")

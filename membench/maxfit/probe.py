@@ -13,6 +13,7 @@ from membench.preflight import check_sequence_length
 from membench.results import Result
 from membench.identity import result_id
 from membench.plan import Plan
+from membench import tracing
 
 
 def _execute(the_plan: Plan) -> Result:
@@ -33,6 +34,7 @@ class Probe:
     backend: str
     device: Optional[str]
     message: Optional[str] = None
+    trace: Optional[str] = None  # the trace it was evaluated from (env["trace"]); None: simulated directly
 
     def fits(self, budget: int) -> Optional[bool]:
         """Whether the step fits ``budget``; None for an error.
@@ -55,17 +57,25 @@ class Prober:
         the_plan: The validated base run (from :func:`membench.plan.plan`).
         backend: Backend name to probe on (``simulate``, ``cpu`` or ``cuda``); None keeps
             the plan's ``backend.name``.
+        via_trace: Evaluate probes from the run's symbolic trace (:mod:`membench.trace`: recorded
+            or loaded once per trace key, then milliseconds a probe); a point no trace covers
+            (size 1, ...) is simulated directly. Only for ``simulate``.
     """
 
-    def __init__(self, the_plan: Plan, backend: Optional[str] = None) -> None:
+    def __init__(self, the_plan: Plan, backend: Optional[str] = None, via_trace: bool = False) -> None:
         run = the_plan.run
         if backend is not None:
             run = dataclasses.replace(run, backend=dataclasses.replace(run.backend, name=backend))
         self.plan = dataclasses.replace(the_plan, run=run)
+        self.via_trace = via_trace
+        #: Where a search starts: 2 on traces (size 1 is never in a trace: 1 is probed only if 2 does not fit).
+        self.first = 2 if via_trace else 1
         self.cache: dict[str, Probe] = {}
         #: dimension -> value -> Probe, for the searches that share this prober.
         self.points: dict[str, dict[int, Probe]] = {}
+        self.traces: dict[str, object] = {}  # trace key -> loaded trace
         self.executed = 0
+        self.direct = 0  # of the executed probes, those simulated (or measured) directly
         self.seconds = 0.0
 
     @property
@@ -90,9 +100,19 @@ class Prober:
     def _measure(self, run: RunConfig, value: int) -> Probe:
         try:
             check_sequence_length(run, self.plan.hf_config)
-            result: Result = _execute(dataclasses.replace(self.plan, run=run))
+            result: Result = self._result(run)
         except ConfigError as error:  # e.g. a length the model cannot take: a failed probe, not a crash
             return Probe(value, "error", None, run.backend.name, None, str(error))
         return Probe(value, result.status.state, result.metrics.get("peak_allocated_bytes"),
                      result.env.get("backend", run.backend.name), result.env.get("device_name"),
-                     result.status.message)
+                     result.status.message, result.env.get("trace"))
+
+    def _result(self, run: RunConfig) -> Result:
+        traces = tracing.engine() if self.via_trace else None
+        if traces is None or traces.covered(run) is not None:
+            self.direct += 1
+            return _execute(dataclasses.replace(self.plan, run=run))
+        key = traces.trace_key(run)
+        if key not in self.traces:
+            self.traces[key] = traces.load_or_record(run)
+        return traces.evaluate(self.traces[key], run)

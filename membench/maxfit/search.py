@@ -92,19 +92,30 @@ def _predict(points: dict[int, Probe], budget: int, lo: int, hi: Optional[int], 
 
 
 def _search_one(probe: Callable[[int], Probe], points: dict[int, Probe], budget: int, start: int,
-                limit: int, limit_reason: str, degree: int) -> tuple[Optional[int], str, Optional[str]]:
-    """Largest value in [1, limit] that fits ``budget``: (value or None, limited_by, error)."""
+                limit: int, limit_reason: str, degree: int,
+                first: int = 1) -> tuple[Optional[int], str, Optional[str]]:
+    """Largest value in [1, limit] that fits ``budget``: (value or None, limited_by, error).
+
+    The search starts at ``first`` (1, or 2 on traces, which do not hold size 1); below it,
+    only when ``first`` does not fit, it probes 1.
+    """
 
     def get(x: int) -> Optional[Probe]:
         points[x] = probe(x)
         return points[x] if points[x].state == "error" else None
 
-    for x in dict.fromkeys((1, min(max(start, 1), limit))):  # two points to fit a line through
+    first = max(1, min(first, limit))
+    for x in dict.fromkeys((first, min(max(start, first), limit))):  # two points to fit a line through
         failed = get(x)
         if failed:
             return None, "error", f"{failed.value}: {failed.message}"
-        if x == 1 and not points[1].fits(budget):
-            return None, "memory", None
+        if x == first and not points[first].fits(budget):
+            if first == 1:
+                return None, "memory", None
+            failed = get(1)
+            if failed:
+                return None, "error", f"{failed.value}: {failed.message}"
+            return (1, "memory", None) if points[1].fits(budget) else (None, "memory", None)
     misses = 0  # bracketed rounds in a row that did not halve the bracket
     stalls = 0  # not yet bracketed: extrapolation rounds in a row that found no upper bound
     while True:
@@ -169,7 +180,7 @@ def find_max_fit(run: RunConfig, dimension: str, budgets_bytes: Sequence[int], *
             return prober(dimension, x)
 
         value, limited_by, error = _search_one(probe, points, budget, getattr(prober.run.workload, dimension),
-                                               limit, reason, degree)
+                                               limit, reason, degree, prober.first)
         at = points.get(value) if value is not None else None
         following = points.get(value + 1 if value is not None else 1) if limited_by == "memory" else None
         findings.append(Finding(dimension, budget, value, at.peak_bytes if at else None,
