@@ -16,10 +16,12 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from membench.devices import DEVICES
+from membench.devices import CUSTOM, DEVICES, custom_device
 from membench.errors import ConfigError
 
 TASKS = ("sequence_classification", "seq2seq_lm", "causal_lm")
+#: ``auto``: inferred from the config's ``architectures``/``model_type`` when the plan reads it.
+MODEL_TASKS = (*TASKS, "auto")
 METHODS = ("full", "lora", "lora_fa")
 ADAPTER_DTYPES = ("fp32", "base")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
@@ -61,6 +63,11 @@ class ModelConfig:
         target_modules: Default LoRA targets for this model, as PEFT module-name
             suffixes. ``null`` means the family default in :mod:`membench.models`.
         exclude_modules: Module-name suffixes never adapted (e.g. a classifier head).
+        id: A Hugging Face Hub id (``Qwen/Qwen2.5-7B``) or a local folder holding a
+            ``config.json``; only the config is read (``AutoConfig.from_pretrained``), never
+            weights, so it works offline from the Hub cache. ``hf_config`` overrides it.
+        revision: Hub revision (branch, tag or commit) of ``id``; ``null`` = the default branch.
+        trust_remote_code: Run the config code a Hub repository ships (off unless set).
     """
 
     name: str = "custom"
@@ -71,9 +78,23 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     target_modules: Optional[list[str]] = None
     exclude_modules: Optional[list[str]] = None
+    # Added after identity version 1: hashed only when set (membench.identity), so no result is renamed.
+    id: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("model.task", self.task, TASKS)
+        check_choice("model.task", self.task, MODEL_TASKS)
+        if self.id is not None and self.config_path is not None:
+            raise ConfigError(f"model.id={self.id!r} and model.config_path={self.config_path!r} both name a config; "
+                              "give one of them")
+        if self.id is not None and self.name == "hub":
+            # The result file name starts with the model's name: the id's last part, no slashes.
+            self.name = self.id.rstrip("/").rsplit("/", 1)[-1].lower() or "hub"
+        if self.task == "auto" and self.id is None and self.config_path is None:
+            raise ConfigError("model.task=auto reads the task from a config.json: it needs model.id or "
+                              "model.config_path; otherwise name the task (causal_lm, seq2seq_lm, "
+                              "sequence_classification)")
         check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
 
@@ -89,7 +110,8 @@ class MethodConfig:
             Cuts activation memory to roughly one block's worth, costs ~1 extra forward.
         rank: LoRA rank r (``null`` for full). Adapter bytes grow linearly with it.
         alpha: LoRA scaling numerator (scale = alpha / rank); ``null`` = 2 x rank.
-        target_modules: Module-name suffixes to adapt; ``null`` uses the model's default.
+        target_modules: Module-name suffixes to adapt (a list, or PEFT's ``all-linear``: every
+            Linear/Conv1D inside the blocks); ``null`` uses the model's default.
         lora_dropout: Dropout on the adapter input. Above 0 it saves a mask and the
             dropped copy of X, which eats into LoRA-FA's saving.
         adapter_dtype: ``fp32`` (PEFT's default: adapters and their inputs upcast to
@@ -103,13 +125,17 @@ class MethodConfig:
     gradient_checkpointing: bool = False
     rank: Optional[int] = None
     alpha: Optional[int] = None
-    target_modules: Optional[list[str]] = None
+    target_modules: Optional[Any] = None  # a list of names, or one PEFT spelling (all-linear)
     lora_dropout: float = 0.0
     adapter_dtype: str = "fp32"
     lorafa_optimizer: bool = False
 
     def __post_init__(self) -> None:
         check_choice("method.kind", self.kind, METHODS)
+        if isinstance(self.target_modules, str):  # PEFT's spelling: one name or "all-linear"
+            self.target_modules = [self.target_modules]
+        elif self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
         check_choice("method.adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         if self.kind == "full":
             for key in ("rank", "alpha", "target_modules"):
@@ -204,7 +230,11 @@ class BackendConfig:
             allocator), simulate (fake tensors + allocator model, no real memory),
             or cpu (real execution on CPU with the same allocator model).
         device: For ``simulate``: the GPU profile to predict for (see
-            :mod:`membench.devices`).
+            :mod:`membench.devices`; ``membench-devices`` lists them), or ``custom``.
+        device_memory_gib: ``device=custom`` only (required there): the card's capacity in GiB,
+            as ``torch.cuda.get_device_properties().total_memory`` reports it.
+        compute_capability: ``device=custom`` only: ``major.minor`` (e.g. 9.0); sets the cuBLAS
+            workspaces. ``null`` = 8.0 (pre-Hopper, like the generic sizes).
         cuda_semantics: On CPU tensors, save what CUDA kernels save (bool dropout
             masks, fused attention). Off shows raw CPU behaviour instead.
         fake_device: For ``simulate``: fake ``cuda`` tensors (CUDA's own code
@@ -230,12 +260,21 @@ class BackendConfig:
     fake_device: str = "auto"
     memory_snapshot: bool = False
     trace: str = "auto"
+    device_memory_gib: Optional[float] = None  # added after identity version 1: hashed only when set
+    compute_capability: Optional[str] = None  # likewise
 
     def __post_init__(self) -> None:
         check_choice("backend.name", self.name, BACKENDS)
         check_choice("backend.trace", self.trace, TRACE_MODES)
         check_choice("backend.fake_device", self.fake_device, FAKE_DEVICES)
-        check_choice("backend.device", self.device, tuple(DEVICES))
+        check_choice("backend.device", self.device, (*DEVICES, CUSTOM))
+        if self.device == CUSTOM:
+            custom_device(self.device_memory_gib, self.compute_capability)  # capacity given, capability well-formed
+        elif self.device_memory_gib is not None or self.compute_capability is not None:
+            raise ConfigError(
+                f"backend.device_memory_gib / backend.compute_capability describe a custom card; with "
+                f"backend.device={self.device} they would be ignored: drop them or set backend.device=custom"
+            )
         if self.memory_snapshot and self.name in ("simulate", "cpu"):
             raise ConfigError(
                 "backend.memory_snapshot=true needs backend.name=cuda (it records the CUDA "
@@ -262,7 +301,7 @@ class RunConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.model.task != "seq2seq_lm" and self.workload.target_len is not None:
+        if self.model.task not in ("seq2seq_lm", "auto") and self.workload.target_len is not None:
             raise ConfigError(
                 f"workload.target_len={self.workload.target_len} only applies to seq2seq models; "
                 f"model {self.model.name!r} is {self.model.task}"

@@ -15,6 +15,8 @@ about 63 MB below the H100, which is the 2 x 32 MiB predicted here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Optional
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -98,4 +100,121 @@ def generic(gibibytes: int) -> DeviceProfile:
     )
 
 
-DEVICES: dict[str, DeviceProfile] = {profile.key: profile for profile in (H100, H200, generic(80), generic(40), generic(24))}
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch, read without importing it (config code stays torch-free)."""
+    try:
+        major, minor = version("torch").split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def cublas_workspace_bytes(compute_capability: str, torch: Optional[tuple[int, int]] = None) -> int:
+    """PyTorch's default cuBLAS workspace per handle (``CublasHandlePool.cpp``, ``getDefaultWorkspaceSize``).
+
+    32 MiB on Hopper (9.x); on 10.x and newer (Blackwell) also 32 MiB from torch 2.7, when the
+    rule became ``major >= 9`` (before that only sm90 got it); 8,519,680 B (4096 KiB x 2 +
+    16 KiB x 8) on everything older. See ../shared/ALLOCATOR.md.
+    """
+    major = int(str(compute_capability).split(".")[0])
+    torch = torch_version() if torch is None else torch
+    if major == 9 or (major >= 10 and torch >= (2, 7)):
+        return HOPPER_CUBLAS_WORKSPACE
+    return DEFAULT_CUBLAS_WORKSPACE
+
+
+# Named cards. Capacity is what membench compares against: ``torch.cuda.get_device_properties().
+# total_memory`` (the CUDA context, ``cuda_context_bytes``, comes off it; idle ``mem_get_info`` free
+# is about total - context). Only the H100 was measured. For the others the figure is the total that
+# public nvidia-smi listings of the card show, in MiB x 2**20 (measured=False): on the measured H100
+# torch's total_memory equals nvidia-smi's total exactly, but on some cards and drivers (ECC on
+# A100/V100, some clouds) torch reports a few hundred MiB less, so a derived profile can be up to
+# about 1% optimistic. membench-gpucheck records the real figure (summary.json) to replace one.
+#: (key, torch device name, nvidia-smi total MiB, compute capability)
+CARDS = (
+    ("a100-40gb", "NVIDIA A100-SXM4-40GB", 40_960, "8.0"),
+    ("a100-80gb", "NVIDIA A100-SXM4-80GB", 81_920, "8.0"),
+    ("h100-pcie-80gb", "NVIDIA H100 PCIe", 81_559, "9.0"),
+    ("b200-180gb", "NVIDIA B200", 183_359, "10.0"),
+    ("l40s-48gb", "NVIDIA L40S", 46_068, "8.9"),
+    ("l4-24gb", "NVIDIA L4", 23_034, "8.9"),
+    ("a10g-24gb", "NVIDIA A10G", 23_028, "8.6"),
+    ("rtx4090-24gb", "NVIDIA GeForce RTX 4090", 24_564, "8.9"),
+    ("rtx3090-24gb", "NVIDIA GeForce RTX 3090", 24_576, "8.6"),
+    ("t4-16gb", "Tesla T4", 15_360, "7.5"),
+    ("v100-16gb", "Tesla V100-SXM2-16GB", 16_160, "7.0"),
+    ("v100-32gb", "Tesla V100-SXM2-32GB", 32_510, "7.0"),
+)
+#: Compute capability of every profile (the H100/H200 keys and the generic sizes included).
+COMPUTE_CAPABILITY: dict[str, str] = {"h100-80gb": "9.0", "h200-141gb": "9.0", "gpu-80gb": "8.0",
+                                      "gpu-40gb": "8.0", "gpu-24gb": "8.0"}
+
+
+def card(key: str, name: str, total_mib: int, compute_capability: str) -> DeviceProfile:
+    COMPUTE_CAPABILITY[key] = compute_capability
+    return DeviceProfile(key=key, name=name, total_memory_bytes=total_mib * MiB,
+                         runtime_overhead_bytes=TRAINING_THREADS * cublas_workspace_bytes(compute_capability),
+                         measured=False)
+
+
+DEVICES: dict[str, DeviceProfile] = {profile.key: profile for profile in (
+    H100, H200, generic(80), generic(40), generic(24), *(card(*row) for row in CARDS))}
+
+#: ``backend.device=custom``: capacity (``backend.device_memory_gib``) and compute capability from the command line.
+CUSTOM = "custom"
+CUSTOM_DEFAULT_COMPUTE_CAPABILITY = "8.0"  # as the generic sizes: pre-Hopper cuBLAS workspaces
+
+
+def custom_device(memory_gib: Optional[float], compute_capability: Optional[str] = None) -> DeviceProfile:
+    """A card given by its capacity in GiB (what torch's total_memory would say) and compute capability.
+
+    Raises:
+        ConfigError: no or a non-positive capacity, or a malformed compute capability.
+    """
+    from membench.errors import ConfigError
+
+    if memory_gib is None or isinstance(memory_gib, bool) or not isinstance(memory_gib, (int, float)) or memory_gib <= 0:
+        raise ConfigError(
+            f"backend.device=custom needs the card's capacity: backend.device_memory_gib={memory_gib!r} must be a "
+            "positive number of GiB (e.g. backend.device_memory_gib=79.6, what torch.cuda.get_device_properties()"
+            ".total_memory / 2**30 reports); or pick a named card (membench-devices lists them)"
+        )
+    capability = str(compute_capability or CUSTOM_DEFAULT_COMPUTE_CAPABILITY)
+    parts = capability.split(".")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise ConfigError(f"backend.compute_capability={compute_capability!r} must be major.minor, e.g. 8.0, 8.9, 9.0")
+    return DeviceProfile(key=CUSTOM, name=f"custom {memory_gib:g} GiB GPU (sm {capability})",
+                         total_memory_bytes=int(memory_gib * (1 << 30)),
+                         runtime_overhead_bytes=TRAINING_THREADS * cublas_workspace_bytes(capability), measured=False)
+
+
+def device_profile(backend) -> DeviceProfile:
+    """The profile ``backend`` (a BackendConfig) names: a key of DEVICES, or the custom card it describes."""
+    if backend.device == CUSTOM:
+        return custom_device(getattr(backend, "device_memory_gib", None), getattr(backend, "compute_capability", None))
+    return DEVICES[backend.device]
+
+
+def table() -> str:
+    """The profiles as a Markdown table (``membench-devices``)."""
+    rows = ["| backend.device | name | capacity (GiB) | capacity (bytes) | compute capability | cuBLAS workspaces | "
+            "CUDA context | measured |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for profile in DEVICES.values():
+        rows.append(f"| `{profile.key}` | {profile.name} | {profile.total_memory_bytes / (1 << 30):.1f} | "
+                    f"{profile.total_memory_bytes:,} | {COMPUTE_CAPABILITY.get(profile.key, '?')} | "
+                    f"{profile.runtime_overhead_bytes / MiB:.2f} MiB | {profile.cuda_context_bytes // MiB} MiB | "
+                    f"{'yes' if profile.measured else 'no (derived)'} |")
+    rows.append(f"| `custom` | `backend.device_memory_gib=<GiB> backend.compute_capability=<x.y>` | given | given | "
+                f"given (default {CUSTOM_DEFAULT_COMPUTE_CAPABILITY}) | by capability | "
+                f"{DEFAULT_CUDA_CONTEXT_BYTES // MiB} MiB | no |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``membench-devices``: list the GPU profiles ``backend.device`` accepts."""
+    print(table())
+    print(f"\ncuBLAS workspaces follow compute capability and torch {'.'.join(map(str, torch_version()))}; "
+          "capacity is torch's total_memory (derived ones: public nvidia-smi totals).")
+    return 0

@@ -7,16 +7,25 @@ never after a model has been materialised.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import PretrainedConfig
 
 from membench.backends import resolve_name
-from membench.config import RunConfig
+from membench.config import ModelConfig, RunConfig
 from membench.errors import ConfigError
 from membench.methods import weight_dtype
-from membench.models import build_model, default_excludes, default_targets, load_hf_config
+from membench.models import (
+    ALL_LINEAR,
+    all_linear_targets,
+    build_model,
+    default_excludes,
+    default_targets,
+    fused_expert_parameters,
+    load_hf_config,
+    resolve_model,
+)
 from membench.preflight import AdaptedLayer, adapted_layers, check_rank, check_sequence_length
 
 
@@ -34,6 +43,17 @@ class Plan:
     targets: list[str]
     excludes: list[str]
     adapted: list[AdaptedLayer]
+    #: ``run.model`` with ``task`` and ``attn_implementation`` resolved for this config (``task=auto``,
+    #: sdpa on an architecture that refuses it); build with this, identify the run by ``run``.
+    model: ModelConfig = None  # type: ignore[assignment]
+    #: What was resolved and why, for the result's env.
+    resolution: dict = field(default_factory=dict)
+    #: Weights the method would adapt but cannot (MoE experts stored as fused parameters).
+    not_adapted: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = self.run.model
 
 
 def plan(run: RunConfig) -> Plan:
@@ -45,17 +65,25 @@ def plan(run: RunConfig) -> Plan:
     """
     resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
     hf_config = load_hf_config(run.model)
+    model, resolution = resolve_model(run.model, hf_config)
+    if model.task != "seq2seq_lm" and run.workload.target_len is not None:
+        raise ConfigError(f"workload.target_len={run.workload.target_len} only applies to seq2seq models; "
+                          f"model {run.model.name!r} is {model.task}")
     check_sequence_length(run, hf_config)
     try:
-        meta_model = build_model(run.model, hf_config, weight_dtype(run.train), "meta")
+        meta_model = build_model(model, hf_config, weight_dtype(run.train), "meta")
     except (ValueError, TypeError, AttributeError) as error:
         raise ConfigError(
-            f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path): {error}"
+            f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path / "
+            f"model.id): {error}"
         ) from error
-    targets, excludes, adapted = [], [], []
+    targets, excludes, adapted, not_adapted = [], [], [], []
     if run.method.uses_adapters:
-        targets = run.method.target_modules or default_targets(run.model, hf_config)
-        excludes = default_excludes(run.model, hf_config)
+        targets = run.method.target_modules or default_targets(run.model, hf_config, meta_model)
+        excludes = default_excludes(run.model, hf_config, meta_model)
+        if list(targets) == [ALL_LINEAR]:  # PEFT's spelling, resolved here so the result names the layers
+            targets, excludes = all_linear_targets(meta_model)
         adapted = adapted_layers(meta_model, targets, excludes)
         check_rank(run.method.rank, adapted)
-    return Plan(run, hf_config, meta_model, list(targets), list(excludes), adapted)
+        not_adapted = fused_expert_parameters(meta_model)
+    return Plan(run, hf_config, meta_model, list(targets), list(excludes), adapted, model, resolution, not_adapted)

@@ -14,12 +14,12 @@ from transformers import PretrainedConfig
 
 from membench.config import RunConfig
 from membench.errors import ConfigError
-from membench.models import max_sequence_length
+from membench.models import LINEAR_TYPES, linear_shape, max_sequence_length
 
 
 @dataclass(frozen=True)
 class AdaptedLayer:
-    """One linear layer LoRA will wrap."""
+    """One linear layer LoRA will wrap (``nn.Linear``, or transformers' ``Conv1D`` read as in -> out)."""
 
     name: str
     in_features: int
@@ -50,7 +50,7 @@ def adapted_layers(model: nn.Module, targets: list[str], excludes: list[str]) ->
     Raises:
         ConfigError: a target that matches no linear layer (the message lists the valid names).
     """
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)}
     for key in targets:
         if not any(matches(name, key) for name in linears):
             suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
@@ -59,7 +59,7 @@ def adapted_layers(model: nn.Module, targets: list[str], excludes: list[str]) ->
                 f"linear layer names are: {', '.join(suffixes)}"
             )
     adapted = [
-        AdaptedLayer(name, module.in_features, module.out_features)
+        AdaptedLayer(name, *linear_shape(module))
         for name, module in linears.items()
         if any(matches(name, key) for key in targets) and not any(matches(name, key) for key in excludes)
     ]

@@ -35,9 +35,9 @@ def snapshot_path(run: RunConfig, the_run_id: str) -> Path:
     return Path(run.results_dir) / f"{the_run_id}.snapshot.pickle"
 
 
-def tokens_per_step(run: RunConfig) -> int:
+def tokens_per_step(run: RunConfig, task: Optional[str] = None) -> int:
     workload = run.workload
-    decoder = (workload.target_len or workload.seq_len) if run.model.task == "seq2seq_lm" else 0
+    decoder = (workload.target_len or workload.seq_len) if (task or run.model.task) == "seq2seq_lm" else 0
     return workload.batch_size * (workload.seq_len + decoder)
 
 
@@ -49,16 +49,16 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
     def factory(device: torch.device) -> nn.Module:
         # A fresh model every time (on meta this costs milliseconds): PEFT wraps in place,
         # and a plan must stay executable more than once.
-        model = build_model(run.model, the_plan.hf_config, dtype, device)
+        model = build_model(the_plan.model, the_plan.hf_config, dtype, device)  # task, attention resolved
         with torch.device(device):  # PEFT creates adapters on the default device, then moves them
-            return apply_method(model, run.method, run.model.task, the_plan.targets, the_plan.excludes, dtype)
+            return apply_method(model, run.method, the_plan.model.task, the_plan.targets, the_plan.excludes, dtype)
 
     torch.manual_seed(run.workload.seed)
     model = backend.build(factory)
     model.train()
     moved: dict[int, torch.Tensor] = {}  # causal LMs use input_ids as labels: one copy, as a script would
     batch = {}
-    for key, value in make_batch(run.model, the_plan.hf_config, run.workload).items():
+    for key, value in make_batch(the_plan.model, the_plan.hf_config, run.workload).items():
         batch[key] = moved.setdefault(id(value), backend.to_device(value))
     return model, batch
 
@@ -78,7 +78,7 @@ def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
         warmup_steps, primed = warmup(run, backend)
         if primed:
             loop.prime_optimizer()
-        return loop.run(warmup_steps, run.workload.measured_steps, tokens_per_step(run), primed=primed)
+        return loop.run(warmup_steps, run.workload.measured_steps, tokens_per_step(run, the_plan.model.task), primed=primed)
 
 
 def _failure(backend: Backend, error: BaseException, progress: Progress) -> Status:
@@ -126,6 +126,10 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
            # What the defaults resolved to, so a row stays exact if the family defaults change.
            "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
            "adapted_layers": len(the_plan.adapted),
+           # The task and attention actually built, and why (model.task=auto, sdpa refused).
+           **{f"resolved_{key}" if key in ("task", "attn_implementation") else key: value
+              for key, value in the_plan.resolution.items()},
+           **({"not_adapted": the_plan.not_adapted} if the_plan.not_adapted else {}),
            "warmup_steps_run": warmup_steps, "optimizer_primed": primed,
            "wall_time_s": round(time.perf_counter() - started, 3)}
     return Result(the_run_id, config, status, dataclasses.asdict(metrics), env)

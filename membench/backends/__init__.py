@@ -37,10 +37,10 @@ def create_backend(config: BackendConfig) -> Backend:
         from membench.backends.cpu import CpuBackend
 
         return CpuBackend(cuda_semantics=config.cuda_semantics)
-    from membench.devices import DEVICES
+    from membench.devices import device_profile
     from membench.backends.simulate import SimulateBackend
 
-    return SimulateBackend(DEVICES[config.device], config.cuda_semantics, config.fake_device)
+    return SimulateBackend(device_profile(config), config.cuda_semantics, config.fake_device)
 
 
 __all__ = ["Backend", "create_backend", "resolve_name"]
