@@ -240,8 +240,8 @@ class BackendConfig:
         fake_device: For ``simulate``: fake ``cuda`` tensors (CUDA's own code
             paths; needs a CUDA build of torch), fake ``cpu`` tensors with
             ``cuda_semantics``, or ``auto`` (cuda when a GPU is visible).
-        memory_snapshot: For ``cuda`` only: record the caching allocator's
-            history during the run and write it, also after an OOM, to
+        memory_snapshot: Record the caching allocator's history during the run (``cuda``:
+            the real allocator's; ``simulate``/``cpu``: the allocator model's) and write it, to
             ``<results_dir>/<run_id>.snapshot.pickle`` (the path goes into the
             result's ``env.memory_snapshot``). Open it at
             https://pytorch.org/memory_viz to see every allocation over time
@@ -252,6 +252,10 @@ class BackendConfig:
             it (byte-identical to direct simulation, ms instead of seconds) and
             simulates directly otherwise; ``off`` always simulates directly. How
             a result is computed, not what: never recorded, never in the run id.
+        alloc_conf: CUDA caching-allocator settings in ``PYTORCH_CUDA_ALLOC_CONF`` syntax
+            (``expandable_segments:True``, ``max_split_size_mb:128``, ...). ``simulate``/``cpu``
+            replay the run through the allocator model with them (:mod:`membench.reserved`);
+            ``cuda`` sets the environment variable before CUDA initialises. Empty: PyTorch's defaults.
     """
 
     name: str = "auto"
@@ -260,6 +264,7 @@ class BackendConfig:
     fake_device: str = "auto"
     memory_snapshot: bool = False
     trace: str = "auto"
+    alloc_conf: str = ""  # added after identity version 1: hashed only when set
     device_memory_gib: Optional[float] = None  # added after identity version 1: hashed only when set
     compute_capability: Optional[str] = None  # likewise
 
@@ -275,11 +280,10 @@ class BackendConfig:
                 f"backend.device_memory_gib / backend.compute_capability describe a custom card; with "
                 f"backend.device={self.device} they would be ignored: drop them or set backend.device=custom"
             )
-        if self.memory_snapshot and self.name in ("simulate", "cpu"):
-            raise ConfigError(
-                "backend.memory_snapshot=true needs backend.name=cuda (it records the CUDA "
-                f"caching allocator's history); backend.name={self.name} has no such allocator"
-            )
+        from membench.caching_allocator.settings import AllocatorSettings
+
+        # Bad keys and values, and backend:cudaMallocAsync (not modelled), fail here, before any model is built.
+        AllocatorSettings.parse(self.alloc_conf or None)
 
 
 @dataclass

@@ -105,13 +105,25 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     progress = Progress()
     config = recorded_config(run, backend.name)
     the_run_id = run_id(config, backend_label(run, backend.name), schema=run)
+    # A tracked backend (simulate, cpu) logs every allocation, for the caching-allocator model
+    # (membench.reserved: reserved memory, and the snapshot when asked for).
+    tracker = getattr(backend, "tracker", None)
+    events = tracker.record() if tracker is not None else None
+    reserved_env: dict = {}
     # The snapshot is written when the block ends, also on an OOM: the moment it is most useful.
-    recording = (backend.memory_snapshot(snapshot_path(run, the_run_id)) if run.backend.memory_snapshot
-                 else contextlib.nullcontext())
+    recording = (backend.memory_snapshot(snapshot_path(run, the_run_id))
+                 if run.backend.memory_snapshot and events is None else contextlib.nullcontext())
     try:
         with recording:
             metrics = _measure(the_plan, backend, progress)
         predicted = backend.predicted_oom(metrics.phase_peak_bytes)
+        if events is not None:
+            from membench.reserved import account
+
+            by_reserved, reserved_env = account(
+                events, run.workload.warmup_steps, run.backend.alloc_conf, backend,
+                metrics, snapshot_path(run, the_run_id) if run.backend.memory_snapshot else None)
+            predicted = predicted or by_reserved
         status = Status("oom", *predicted) if predicted else Status()
     except Exception as error:  # noqa: BLE001 - every failure must become a result row
         status = _failure(backend, error, progress)
@@ -122,7 +134,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     described = backend.describe()
     warmup_steps, primed = warmup(run, backend)
     metrics.runtime_overhead_bytes = described.get("runtime_overhead_bytes", 0)
-    env = {"backend": backend.name, **described, **provenance(), "identity_version": IDENTITY_VERSION,
+    env = {"backend": backend.name, **described, **reserved_env, **provenance(), "identity_version": IDENTITY_VERSION,
            # What the defaults resolved to, so a row stays exact if the family defaults change.
            "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
            "adapted_layers": len(the_plan.adapted),

@@ -51,6 +51,10 @@ class Metrics:
     step_time_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
     runtime_overhead_bytes: int = 0
+    # From the caching-allocator model (simulate, cpu: membench.reserved) or the real allocator (cuda):
+    reserved_segments: Optional[int] = None  # segments held at the end of the measured steps
+    fragmentation_bytes: Optional[int] = None  # reserved - allocated when allocated peaks in the measured steps
+    num_alloc_retries: Optional[int] = None  # cudaMalloc failures answered by freeing cached segments
     # saved_tensor_bytes split by the module that packed each storage (its path, layer indices as
     # ``*``) and by the ATen op that made it; each sums to saved_tensor_bytes. See membench.saved_tensors.
     saved_bytes_by_module: dict[str, int] = field(default_factory=dict)
@@ -173,9 +177,12 @@ class MeasuredLoop:
         """
         self.progress.step_label = "optimizer priming"
         self.backend.before_first_step()
-        self._enter("optimizer_step")
+        # The zero gradients come before the phase mark, so a recorded log (membench.events) tells them
+        # apart from what optimizer.step() allocates (membench.reserved replays the latter as the first
+        # real step's); the phase's peak still includes them (it starts from what is allocated at the mark).
         for param in self.trainable:
             param.grad = torch.zeros_like(param)
+        self._enter("optimizer_step")
         before_update = self.backend.allocated()
         self.optimizer.step()
         self._record_optimizer_state(before_update)

@@ -43,6 +43,28 @@ def headline(result: Result) -> str:
     return f"{describe_config(result.config)} → {'OOM, ' if state == 'oom' else ''}{figure}"
 
 
+def reserved_clause(metrics: dict, env: dict) -> str:
+    """`` allocated, 53.10 GiB reserved (79.6 GiB card: fits, 26.0 GiB spare)``; empty without a reserved figure.
+
+    Spare is the card's capacity less the CUDA context (``env.cuda_context_bytes``, outside reserved
+    memory) less the reserved peak; negative spare is reported as short.
+    """
+    reserved = metrics.get("peak_reserved_bytes")
+    if reserved is None:
+        return ""
+    unit, size = display_unit(reserved)
+    clause = f" allocated, {reserved / size:.2f} {unit} reserved"
+    total = env.get("device_total_memory_bytes")
+    if not total:
+        return clause
+    spare = total - (env.get("cuda_context_bytes") or 0) - reserved
+    verdict = f"fits, {spare / GIB:.1f} GiB spare" if spare >= 0 else f"does not fit, {-spare / GIB:.1f} GiB short"
+    return f"{clause} ({total / GIB:.1f} GiB card: {verdict})"
+
+
+GIB = 1 << 30
+
+
 def summarize(result: Result) -> str:
     """E.g. ``llama-7b lora_fa r=64 bs=16 seq=512 bf16 [simulate: NVIDIA H100 80GB HBM3] peak 48.5 GiB ...``."""
     m = result.metrics
@@ -53,7 +75,7 @@ def summarize(result: Result) -> str:
         f"optimizer {amount(m['optimizer_state_bytes'], size)} + activations {amount(m['activation_bytes'], size)}"
     )
     timing = f"{m['step_time_s'] * 1000:.0f} ms/step" if m.get("step_time_s") else "no step time (simulated)"
-    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit} ({breakdown}; "
+    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{reserved_clause(m, result.env)} ({breakdown}; "
                f"saved for backward {amount(m['saved_tensor_bytes'], size)}), {timing}")
     status = result.status
     if status.state == "ok":

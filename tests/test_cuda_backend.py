@@ -133,7 +133,7 @@ def test_snapshot_is_written_with_its_content_and_reported(gpu, history, tmp_pat
     assert [p.name for p in path.parent.iterdir()] == ["r1.snapshot.pickle"]  # the temporary file is gone
     assert backend.describe() == {"device_name": "Pretend GPU", "device_total_memory_bytes": 80 * GiB,
                                   "cuda_version": torch.version.cuda, "runtime_overhead_bytes": 0,
-                                  "memory_snapshot": str(path)}
+                                  "alloc_conf": "", "memory_snapshot": str(path)}
 
 
 def test_snapshot_after_an_oom_is_still_written(gpu, history, tmp_path):
@@ -160,4 +160,16 @@ def test_a_snapshot_that_cannot_be_written_is_reported_not_raised(gpu, history, 
 
 def test_describe_without_a_snapshot_has_no_snapshot_keys(gpu):
     assert CudaBackend().describe() == {"device_name": "Pretend GPU", "device_total_memory_bytes": 80 * GiB,
-                                        "cuda_version": torch.version.cuda, "runtime_overhead_bytes": 0}
+                                        "cuda_version": torch.version.cuda, "runtime_overhead_bytes": 0,
+                                        "alloc_conf": ""}
+
+
+def test_alloc_conf_is_applied_before_cuda_starts_and_recorded(gpu, monkeypatch):
+    for variable in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert CudaBackend(alloc_conf="expandable_segments:True").describe()["alloc_conf"] == "expandable_segments:True"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    CudaBackend(alloc_conf="expandable_segments:True")  # already in effect: nothing to change
+    with pytest.raises(ConfigError, match="already initialised.*start a new process with PYTORCH_CUDA_ALLOC_CONF"):
+        CudaBackend(alloc_conf="max_split_size_mb:128")

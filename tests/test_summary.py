@@ -36,3 +36,14 @@ def test_oom_and_error_lines():
     assert "→ OOM in backward: CUDA out of memory.;" in oom and "more" not in oom
     error = summarize(Result("id", CONFIG, Status("error", "build", "ValueError: bad"), METRICS, ENV))
     assert error.endswith("→ ERROR in build: ValueError: bad")
+
+
+def test_reserved_line_shows_both_figures_and_the_margin():
+    metrics = {**METRICS, "peak_reserved_bytes": 12 << 30}
+    env = {**ENV, "backend": "simulate", "device_total_memory_bytes": 80 << 30, "cuda_context_bytes": 1 << 29}
+    line = summarize(Result("id", CONFIG, Status(), metrics, env))
+    assert "→ peak 10.00 GiB allocated, 12.00 GiB reserved (80.0 GiB card: fits, 67.5 GiB spare) (weights" in line
+    tight = summarize(Result("id", CONFIG, Status(), {**metrics, "peak_reserved_bytes": 80 << 30}, env))
+    assert "80.00 GiB reserved (80.0 GiB card: does not fit, 0.5 GiB short)" in tight
+    cpu = summarize(Result("id", CONFIG, Status(), metrics, {**ENV, "device_total_memory_bytes": None}))
+    assert "peak 10.00 GiB allocated, 12.00 GiB reserved (weights" in cpu

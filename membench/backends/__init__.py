@@ -6,23 +6,17 @@ import torch
 
 from membench.backends.base import Backend
 from membench.config import BackendConfig
-from membench.errors import ConfigError
 
 
 def resolve_name(config: BackendConfig) -> str:
     """``auto`` becomes ``cuda`` when a GPU is visible, else ``simulate``.
 
-    Raises:
-        ConfigError: ``backend.memory_snapshot=true`` but the backend is not ``cuda``.
+    ``backend.memory_snapshot`` works on every backend: ``cuda`` records the real allocator's history,
+    ``simulate`` and ``cpu`` write the caching-allocator model's (:mod:`membench.reserved`).
     """
     name = config.name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "simulate"
-    if config.memory_snapshot and name != "cuda":
-        raise ConfigError(
-            "backend.memory_snapshot=true needs backend.name=cuda, but backend.name="
-            f"{config.name} resolved to {name} (no CUDA GPU is visible); drop backend.memory_snapshot"
-        )
     return name
 
 
@@ -32,7 +26,7 @@ def create_backend(config: BackendConfig) -> Backend:
     if name == "cuda":
         from membench.backends.cuda import CudaBackend
 
-        return CudaBackend()
+        return CudaBackend(alloc_conf=config.alloc_conf)
     if name == "cpu":
         from membench.backends.cpu import CpuBackend
 

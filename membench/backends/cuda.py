@@ -36,12 +36,44 @@ OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATU
                 "CUDNN_STATUS_ALLOC_FAILED")
 
 
+#: Where PyTorch reads the caching allocator's settings, newest name first (torch >= 2.9 reads
+#: PYTORCH_ALLOC_CONF and falls back to PYTORCH_CUDA_ALLOC_CONF), once, when CUDA's allocator starts.
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def current_alloc_conf() -> str:
+    """The allocator settings this process runs (or will run) with, as the environment gives them."""
+    for variable in ALLOC_CONF_VARIABLES:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return ""
+
+
+def apply_alloc_conf(alloc_conf: str) -> None:
+    """Make ``backend.alloc_conf`` the allocator's settings: set the environment before CUDA starts.
+
+    Raises:
+        ConfigError: CUDA is already initialised in this process with other settings (the allocator
+            reads them once); set PYTORCH_CUDA_ALLOC_CONF before starting the process instead.
+    """
+    if not alloc_conf or alloc_conf == current_alloc_conf():
+        return
+    if torch.cuda.is_initialized():
+        raise ConfigError(
+            f"backend.alloc_conf={alloc_conf!r} cannot take effect: CUDA is already initialised in this "
+            f"process with allocator settings {current_alloc_conf()!r}; start a new process with "
+            f"PYTORCH_CUDA_ALLOC_CONF={alloc_conf!r} instead")
+    for variable in ALLOC_CONF_VARIABLES:
+        os.environ[variable] = alloc_conf
+
+
 class CudaBackend(Backend):
     name = "cuda"
 
-    def __init__(self) -> None:
+    def __init__(self, alloc_conf: str = "") -> None:
         if not torch.cuda.is_available():
             raise ConfigError("backend.name=cuda but no CUDA GPU is visible; use backend.name=simulate or auto")
+        apply_alloc_conf(alloc_conf)  # before current_device(), which initialises CUDA
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._snapshot: Optional[dict] = None  # what describe() reports when a snapshot was asked for
 
@@ -122,5 +154,6 @@ class CudaBackend(Backend):
             "device_total_memory_bytes": properties.total_memory,
             "cuda_version": torch.version.cuda,
             "runtime_overhead_bytes": 0,  # measured, not modelled: it is inside the allocator's figures
+            "alloc_conf": current_alloc_conf(),  # the allocator settings it ran with, to compare like for like
             **(self._snapshot or {}),
         }

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from membench.compat import FakeTensorMode, no_packed_sequences
-from membench.devices import DeviceProfile
+from membench.devices import TRAINING_THREADS, DeviceProfile
 from membench.backends.tracker import TrackedBackend
 from membench.errors import ConfigError
 
@@ -90,7 +90,11 @@ class SimulateBackend(TrackedBackend):
     primes_optimizer = True
 
     def before_first_step(self) -> None:
-        self.tracker.add_constant(self.profile.runtime_overhead_bytes)
+        # One cuBLAS workspace per training thread (membench.devices): separate allocations, as the
+        # caching allocator sees them (each opens its own segment; membench.reserved places them).
+        share, rest = divmod(self.profile.runtime_overhead_bytes, TRAINING_THREADS)
+        for index in range(TRAINING_THREADS):
+            self.tracker.add_constant(share + (rest if index == 0 else 0))
 
     def is_oom(self, error: BaseException) -> bool:
         return False  # fake tensors never run out; see predicted_oom
