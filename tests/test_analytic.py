@@ -83,8 +83,9 @@ BLOCK_CASES = [
 @pytest.mark.parametrize("model,method,extra", BLOCK_CASES)
 def test_one_block_is_exact_on_cpu(model, method, extra):
     run = tiny(model, method, *ONE_LAYER[model], *extra)
-    predicted = estimate(run, kernels="cpu")  # the cpu backend runs CPU kernels
-    metrics = measure(run).metrics
+    result = measure(run)
+    predicted = estimate(run, kernels=measured_kernels(result.env))  # CUDA's, under CudaSemantics
+    metrics = result.metrics
     assert predicted.saved_bytes == metrics["saved_tensor_bytes"]
     assert predicted.activation_bytes == metrics["activation_bytes"]
 
@@ -148,6 +149,44 @@ WALK_CASES = [
 @pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5", "tiny-llama"])
 def test_walk_equals_simulate_to_the_byte(model, method, precision, attention, batch):
     _exact(tiny(model, method, precision, attention, f"workload.batch_size={batch}", backend="simulate"))
+
+
+# The three kernels whose saved bytes differ between CPU and CUDA (walk.py's docstring), now followed by
+# CudaSemantics: the walk with CUDA's kernels equals simulate and cpu on each.
+CUDA_KERNEL_CASES = [
+    # LayerNorm statistics, fp32 for half inputs: bf16 and fp16 RoBERTa
+    ("tiny-roberta", "full", ["train.precision=bf16", "model.attn_implementation=eager"]),
+    ("tiny-roberta", "lora", ["train.precision=fp16"]),
+    # eager softmax under bf16 autocast, fp32 output
+    ("tiny-roberta", "lora", ["train.precision=bf16-autocast", "model.attn_implementation=eager"]),
+    ("tiny-t5", "lora_fa", ["train.precision=bf16-autocast", "model.attn_implementation=eager"]),
+    # the efficient kernel's log-sum-exp at S = 20 (padded to 32); T5 full also with its bias gradient
+    ("tiny-roberta", "lora", ["workload.seq_len=20"]),
+    ("tiny-t5", "full", ["workload.seq_len=20"]),
+    ("tiny-t5", "lora_fa", ["workload.seq_len=40"]),  # a bias without a gradient
+]
+
+
+@pytest.mark.parametrize("backend", ["simulate", "cpu"])
+@pytest.mark.parametrize("model,method,extra", CUDA_KERNEL_CASES)
+def test_walk_with_cuda_kernels_equals_the_measurement(model, method, extra, backend):
+    run = tiny(model, method, *extra, backend=backend)
+    result = measure(run)
+    assert measured_kernels(result.env) == "cuda"
+    predicted = estimate(run, kernels="cuda")
+    assert (predicted.saved_bytes, predicted.activation_bytes) == (
+        result.metrics["saved_tensor_bytes"], result.metrics["activation_bytes"])
+    assert predicted.saved_bytes != estimate(run, kernels="cpu").saved_bytes  # a case where the kernels differ
+
+
+def test_measured_kernels_reads_the_env_and_keeps_old_results_cpu():
+    assert measured_kernels({"backend": "simulate", "fake_device": "cpu", "kernels": "cuda"}) == "cuda"
+    assert measured_kernels({"backend": "cpu", "kernels": "cpu"}) == "cpu"  # backend.cuda_semantics=false
+    assert measured_kernels({"backend": "simulate", "fake_device": "cpu"}) == "cpu"  # before the entry
+    assert measured_kernels({"backend": "cpu"}) == "cpu"
+    assert measured_kernels({"backend": "cuda"}) == "cuda"
+    raw = measure(tiny("tiny-roberta", "lora", "backend.cuda_semantics=false", backend="cpu"))
+    assert measured_kernels(raw.env) == "cpu"
 
 
 def test_llama_batch_one_keeps_a_view_of_the_padded_labels():

@@ -27,13 +27,13 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 8
+    assert len(compat.CHECKS) == 9
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
     monkeypatch.setattr(F, "dropout", lambda x: x)
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda ids, extra: None)
-    with pytest.raises(CompatError, match="2 of 8 patch targets changed") as caught:
+    with pytest.raises(CompatError, match="2 of 9 patch targets changed") as caught:
         compat.check_all()
     assert "route_dropout_and_sdpa_like_cuda: torch" in str(caught.value)
     assert "no_packed_sequences: transformers" in str(caught.value)
@@ -121,6 +121,78 @@ def test_kernel_wrappers_call_the_kernels_they_name():
     masked = torch.tensor([[0.0, float("-inf")], [float("-inf"), float("-inf")]])
     assert compat.safe_softmax(masked, -1).tolist() == [[1.0, 0.0], [0.0, 0.0]]  # a fully masked row: zeros
     assert compat.math_sdp_reduces_in_half_precision() is torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+
+
+# --- route_layer_norm_and_softmax_like_cuda ----------------------------------------------------------------
+
+def test_norm_routing_swaps_both_functions_and_restores_them_even_after_an_error():
+    original = (F.layer_norm, F.softmax)
+    with pytest.raises(KeyError):
+        with compat.route_layer_norm_and_softmax_like_cuda(marked("layer_norm"), marked("softmax")):
+            assert F.layer_norm(torch.ones(1), [1]) == ("layer_norm", original[0])
+            assert F.softmax(torch.ones(1), 0) == ("softmax", original[1])
+            raise KeyError("boom")
+    assert (F.layer_norm, F.softmax) == original
+
+
+def test_norm_routing_makes_half_layer_norm_keep_fp32_statistics_and_autocast_softmax_fp32():
+    """The effect that matters, under CudaSemantics (which routes through compat)."""
+    from membench.backends.cuda_semantics import CudaSemantics
+    from membench.saved_tensors import SavedTensorCounter
+
+    x = torch.randn(10, 8, dtype=torch.bfloat16, requires_grad=True)
+    scores = torch.randn(10, 8, dtype=torch.bfloat16, requires_grad=True)
+    counts = {}
+    for label, context in (("cpu", torch.autograd.grad_mode.enable_grad()), ("routed", CudaSemantics())):
+        counter = SavedTensorCounter([])
+        with context, counter.counting():
+            F.layer_norm(x, [8])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                F.softmax(scores, -1)
+        counts[label] = counter.total_bytes
+    # input (160 B) + mean and rstd (10 rows each), then the softmax output (80 elements)
+    assert counts == {"cpu": 160 + 2 * 10 * 2 + 80 * 2, "routed": 160 + 2 * 10 * 4 + 80 * 4}
+
+
+@pytest.mark.parametrize(("target", "replacement", "fragments"), [
+    ("layer_norm", lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, elementwise=True: input,
+     ["torch.nn.functional.layer_norm with (input, normalized_shape, weight, bias, eps, elementwise), not",
+      "(input, normalized_shape, weight, bias, eps)"]),
+    ("softmax", None, ["has no torch.nn.functional.softmax(input, dim, _stacklevel, dtype)"]),
+])
+def test_norm_routing_refuses_changed_functions(monkeypatch, target, replacement, fragments):
+    monkeypatch.setattr(F, target, replacement)
+    before = getattr(F, target)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, *fragments, need="LayerNorm")):
+        with compat.route_layer_norm_and_softmax_like_cuda(marked("layer_norm"), marked("softmax")):
+            pass
+    assert getattr(F, target) is before  # nothing was swapped
+
+
+@pytest.mark.parametrize(("op", "stand_in", "fragment"), [
+    ("native_layer_norm", None, "has no op aten.native_layer_norm(input, normalized_shape, weight, bias, eps)"),
+    ("native_layer_norm_backward", types.SimpleNamespace(default=torch.ops.aten.mm.default),
+     "has aten.native_layer_norm_backward(self, mat2), not"),
+])
+def test_norm_routing_refuses_a_missing_or_changed_kernel(monkeypatch, op, stand_in, fragment):
+    monkeypatch.setattr(torch.ops.aten, op, stand_in)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, fragment)):
+        compat.check_layer_norm_and_softmax_routing()
+
+
+def test_layer_norm_wrappers_call_the_kernels_they_name():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 6), torch.randn(6), torch.randn(6)
+    output, mean, rstd = compat.layer_norm_forward(x, [6], weight, bias, 1e-5)
+    torch.testing.assert_close(output, F.layer_norm(x, [6], weight, bias, 1e-5))
+    torch.testing.assert_close(mean, x.mean(-1, keepdim=True))
+    torch.testing.assert_close(rstd, (x.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt())
+    grad = torch.randn_like(output)
+    grads = compat.layer_norm_backward(grad, x, [6], mean, rstd, weight, bias, [True, True, True])
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    reference = F.layer_norm(inputs[0], [6], inputs[1], inputs[2], 1e-5)
+    for got, want in zip(grads, torch.autograd.grad(reference, inputs, grad), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 # --- no_packed_sequences ----------------------------------------------------------------------------------

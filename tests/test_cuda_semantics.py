@@ -134,9 +134,11 @@ def test_fused_savings_keep_no_probabilities_and_make_no_temporaries():
         tracker.reset_peak()
         _FusedAttentionSavings.apply(query, key, value, bias, False, None)
         forward_peak = tracker.peak - before
-    output_bytes, logsumexp_bytes = B * H * L * D * 4, B * H * L * 4
+    # The efficient kernel's log-sum-exp: L = 16 query rows padded to 32, fp32. The CPU kernel's
+    # unpadded one (B H L x 4) lives until it is copied over: a transient CUDA does not have.
+    output_bytes, logsumexp_bytes, unpadded = B * H * L * D * 4, B * H * 32 * 4, B * H * L * 4
     assert counter.total_bytes == 3 * (B * H * L * D * 4) + H * L * L * 4 + output_bytes + logsumexp_bytes
-    assert forward_peak == allocator_bytes(output_bytes) + allocator_bytes(logsumexp_bytes)
+    assert forward_peak == allocator_bytes(output_bytes) + allocator_bytes(unpadded) + allocator_bytes(logsumexp_bytes)
 
 
 FUSED_CASES = [  # (dtype, kv heads, dropout) -> the kernel CUDA picks, and what it keeps beside q, k, v
@@ -155,7 +157,8 @@ def test_routed_attention_saves_what_the_fused_kernel_saves(dtype, kv_heads, dro
             query, key, value, dropout_p=dropout, enable_gqa=kv_heads != H))
     size = dtype.itemsize
     inputs = B * H * L * D * size + 2 * B * kv_heads * L * D * size  # q, k, v as they came
-    assert saved == inputs + B * H * L * D * size + B * H * L * 4  # + output + fp32 logsumexp, no S x S
+    lse_rows = 32 if kernel == "efficient" else L  # efficient pads its query rows to a multiple of 32
+    assert saved == inputs + B * H * L * D * size + B * H * lse_rows * 4  # + output + fp32 logsumexp, no S x S
     assert output.shape == (B, H, L, D) and output.dtype == dtype
 
 
@@ -208,14 +211,138 @@ def test_recompute_under_checkpoint_uses_the_swapped_functions():
 
 
 def test_functions_are_restored_even_after_an_error():
-    original = (F.dropout, F.scaled_dot_product_attention)
+    routed = lambda: (F.dropout, F.scaled_dot_product_attention, F.layer_norm, F.softmax)  # noqa: E731
+    original = routed()
     semantics = CudaSemantics()
     with pytest.raises(KeyError):
         with semantics:
-            assert F.dropout is not original[0] and F.scaled_dot_product_attention is not original[1]
+            assert all(now is not before for now, before in zip(routed(), original, strict=True))
             raise KeyError("boom")
-    assert (F.dropout, F.scaled_dot_product_attention) == original
+    assert routed() == original
     with semantics:  # reusable after exit, but not re-entrant
         with pytest.raises(RuntimeError, match="already active"):
             semantics.__enter__()
-    assert (F.dropout, F.scaled_dot_product_attention) == original
+    assert routed() == original
+
+
+# -- (1) LayerNorm statistics: fp32 on CUDA for fp16/bf16 inputs --------------------------------------------
+ROWS, WIDTH = 2 * 24, 32  # a (2, 24, 32) input: 48 rows normalised over 32
+
+
+def layer_norm_case(dtype, parameter_dtype=None):
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, WIDTH, dtype=dtype, requires_grad=True)
+    weight = torch.randn(WIDTH, dtype=parameter_dtype or dtype, requires_grad=True)
+    bias = torch.randn(WIDTH, dtype=parameter_dtype or dtype, requires_grad=True)
+    return x, weight, bias
+
+
+def saved_by_layer_norm(x, weight, bias, routed):
+    counter = SavedTensorCounter([weight, bias])  # parameters are not activations
+    with (CudaSemantics() if routed else torch.enable_grad()), counter.counting():
+        output = F.layer_norm(x, [WIDTH], weight, bias)
+    return counter.total_bytes, output
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_layer_norm_keeps_fp32_statistics_with_the_cpu_kernels_numbers(dtype):
+    x, weight, bias = layer_norm_case(dtype)
+    routed_saved, routed = saved_by_layer_norm(x, weight, bias, True)
+    plain_saved, plain = saved_by_layer_norm(x, weight, bias, False)
+    # the input (48 x 32 x 2 B) and mean and rstd: 48 rows each, fp32 on CUDA, the input dtype on CPU
+    assert routed_saved == ROWS * WIDTH * 2 + 2 * ROWS * 4
+    assert plain_saved == ROWS * WIDTH * 2 + 2 * ROWS * 2
+    assert routed.dtype == dtype
+    # The statistics are the CPU kernel's rounded ones, widened: output and gradients are bit for bit the same.
+    torch.testing.assert_close(routed, plain, rtol=0, atol=0)
+    upstream = torch.randn_like(plain)
+    for got, want in zip(torch.autograd.grad(routed, (x, weight, bias), upstream),
+                         torch.autograd.grad(plain, (x, weight, bias), upstream), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_half_layer_norm_gradient_only_where_asked():
+    x, weight, bias = layer_norm_case(torch.bfloat16)
+    frozen_weight, frozen_bias = weight.detach(), bias.detach()
+    with CudaSemantics():
+        output = F.layer_norm(x, [WIDTH], frozen_weight, frozen_bias)
+    (grad,) = torch.autograd.grad(output.float().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(
+        F.layer_norm(x, [WIDTH], frozen_weight, frozen_bias).float().sum(), x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "parameter_dtype"), [(torch.float32, None), (torch.bfloat16, torch.float32)])
+def test_layer_norm_already_fp32_statistics_is_left_alone(dtype, parameter_dtype):
+    """fp32 inputs, and half inputs with fp32 parameters (the CPU kernel's mixed case): fp32 statistics already."""
+    x, weight, bias = layer_norm_case(dtype, parameter_dtype)
+    assert saved_by_layer_norm(x, weight, bias, True)[0] == saved_by_layer_norm(x, weight, bias, False)[0] == (
+        ROWS * WIDTH * dtype.itemsize + 2 * ROWS * 4)
+
+
+def test_layer_norm_under_autocast_runs_in_fp32_as_on_cuda():
+    """layer_norm is on CUDA autocast's fp32 list: a bf16 input is cast and normalised in fp32."""
+    x, weight, bias = layer_norm_case(torch.bfloat16, torch.float32)
+    counter = SavedTensorCounter([weight, bias])
+    with CudaSemantics(), torch.autocast("cpu", dtype=torch.bfloat16), counter.counting():
+        output = F.layer_norm(x, [WIDTH], weight, bias)
+    assert output.dtype == torch.float32
+    assert counter.total_bytes == ROWS * WIDTH * 4 + 2 * ROWS * 4  # the fp32 copy of the input, fp32 statistics
+
+
+def test_layer_norm_statistics_under_recompute():
+    x, weight, bias = layer_norm_case(torch.bfloat16)
+    with CudaSemantics():
+        output = checkpoint(lambda t: F.layer_norm(t, [WIDTH], weight, bias), x, use_reentrant=False)
+        output.float().sum().backward()
+    want = torch.autograd.grad(F.layer_norm(x, [WIDTH], weight, bias).float().sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+
+
+# -- (2) softmax under bf16 autocast: fp32 on CUDA --------------------------------------------------------------
+def test_autocast_softmax_saves_an_fp32_output_as_on_cuda():
+    torch.manual_seed(0)
+    scores = torch.randn(B, H, L, L, dtype=torch.bfloat16, requires_grad=True)
+    with CudaSemantics(), torch.autocast("cpu", dtype=torch.bfloat16):
+        saved, output = saved_and_output(lambda: F.softmax(scores, dim=-1))
+    assert output.dtype == torch.float32
+    assert saved == B * H * L * L * 4  # the softmax output, fp32 (bf16 under CPU autocast: half that)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_saved, plain = saved_and_output(lambda: F.softmax(scores, dim=-1))
+    assert plain.dtype == torch.bfloat16 and plain_saved == B * H * L * L * 2
+    # Numbers: CUDA's autocast runs softmax(x, dtype=float32); so does this, gradient included.
+    reference = F.softmax(scores, dim=-1, dtype=torch.float32)
+    torch.testing.assert_close(output, reference, rtol=0, atol=0)
+    upstream = torch.randn_like(reference)
+    torch.testing.assert_close(torch.autograd.grad(output, scores, upstream)[0],
+                               torch.autograd.grad(reference, scores, upstream)[0], rtol=0, atol=0)
+    torch.testing.assert_close(output, plain.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_softmax_is_left_alone_outside_autocast_or_with_a_dtype(autocast):
+    scores = torch.randn(4, 8, dtype=torch.bfloat16)
+    with CudaSemantics(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert F.softmax(scores, -1).dtype == (torch.float32 if autocast else torch.bfloat16)
+        assert F.softmax(scores, -1, dtype=torch.bfloat16).dtype == torch.bfloat16  # an explicit dtype wins
+
+
+# -- (3) the efficient kernel's log-sum-exp: padded to a multiple of 32 query rows on CUDA ----------------------
+@pytest.mark.parametrize(("rows", "padded"), [(20, 32), (32, 32), (33, 64)])
+def test_efficient_attention_pads_its_logsumexp_and_keeps_the_numbers(rows, padded):
+    torch.manual_seed(0)
+    make = lambda: torch.randn(B, H, rows, D, requires_grad=True)  # noqa: E731
+    query, key, value = make(), make(), make()
+    mask = torch.randn(1, H, rows, rows)
+    assert cuda_attention_kernel(query, key, value, mask, False) == "efficient"
+    with CudaSemantics():
+        saved, output = saved_and_output(lambda: F.scaled_dot_product_attention(query, key, value, attn_mask=mask))
+    head_tensor = B * H * rows * D * 4
+    # q, k, v, the mask (H rows x rows fp32), the output, and B H padded-rows fp32 log-sum-exp
+    assert saved == 3 * head_tensor + H * rows * rows * 4 + head_tensor + B * H * padded * 4
+    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # the plain CPU (math) path
+    torch.testing.assert_close(output, reference)
+    upstream = torch.randn_like(reference)
+    for got, want in zip(torch.autograd.grad(output, (query, key, value), upstream),
+                         torch.autograd.grad(reference, (query, key, value), upstream), strict=True):
+        torch.testing.assert_close(got, want)

@@ -38,6 +38,10 @@ CASES = [
     ("full", ("train.precision=fp16",)),
     ("lora_fa", ("method.lorafa_optimizer=true",)),  # PEFT's LoRA-FA AdamW (its own step temporaries)
     ("full", ("train.optimizer_impl=for_loop",)),  # one parameter at a time: other step temporaries than foreach
+    # CudaSemantics' LayerNorm, autocast softmax and padded efficient log-sum-exp (tests/test_cuda_semantics.py)
+    ("full", ("train.precision=bf16", "model.attn_implementation=eager")),  # bf16 LayerNorm statistics in fp32
+    ("lora", ("train.precision=bf16-autocast", "model.attn_implementation=eager")),  # fp32 eager softmax
+    ("full", ("workload.seq_len=20",)),  # fp32 SDPA: the efficient kernel, 20 query rows padded to 32
 ]
 
 

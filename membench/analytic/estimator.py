@@ -75,7 +75,13 @@ def estimate_config(config: dict, kernels: str = "cuda") -> ActivationEstimate:
 
 
 def measured_kernels(env: dict) -> str:
-    """Whose kernels a result's figures follow: ``cpu`` for CPU tensors (the cpu backend, or simulate
-    on fake CPU tensors in a CPU build of torch), else ``cuda``. ``env`` is ``result["env"]``."""
+    """Whose kernels a result's figures follow. ``env`` is ``result["env"]``.
+
+    Its ``kernels`` entry where the backend wrote one (``cuda`` on CPU tensors under CudaSemantics,
+    which saves what CUDA's LayerNorm, autocast softmax and efficient attention save). Results from
+    before that entry: ``cpu`` for CPU tensors (the cpu backend, or simulate on fake CPU tensors in a
+    CPU build of torch), else ``cuda``."""
+    if env.get("kernels") in ("cuda", "cpu"):
+        return env["kernels"]
     on_cpu = env.get("backend") == "cpu" or (env.get("backend") == "simulate" and env.get("fake_device") == "cpu")
     return "cpu" if on_cpu else "cuda"

@@ -30,4 +30,6 @@ class CpuBackend(TrackedBackend):
             "device_total_memory_bytes": None,
             "runtime_overhead_bytes": 0,
             "cuda_semantics": self.cuda_semantics,
+            # Whose kernels' saved bytes the figures follow (membench.analytic.measured_kernels).
+            "kernels": "cuda" if self.cuda_semantics else "cpu",
         }

@@ -1,7 +1,7 @@
 """Make CPU tensors save for backward what CUDA kernels save.
 
 Memory, not numerics, is what differs between the CPU and CUDA code paths of
-two functions that every model here calls:
+four functions that the models here call:
 
 * ``F.dropout``: on CUDA it runs ``native_dropout`` and saves a **bool** mask
   (1 byte per element). The CPU path saves a **float** mask (4 bytes in fp32);
@@ -15,16 +15,35 @@ two functions that every model here calls:
   probabilities and float mask. We call the CPU flash kernel with dropout 0
   where CUDA would run a fused kernel, and mirror the math kernel op for op
   (with a bool dropout mask) where CUDA would run math. The skipped attention
-  dropout changes numbers in the loss, never the bytes.
+  dropout changes numbers in the loss, never the bytes. Where CUDA runs the
+  memory-efficient kernel, the saved log-sum-exp has its query rows rounded up
+  to a multiple of 32 (``kAlignLSE`` in ``_efficient_attention_forward``,
+  aten/src/ATen/native/transformers/cuda/attention.cu; the meta kernel in
+  torch/_meta_registrations.py does the same); flash's is not padded.
+* ``F.layer_norm``: CUDA's ``layer_norm_cuda`` allocates ``mean`` and ``rstd``
+  in the accumulate type, fp32 for fp16/bf16 inputs; the CPU kernel uses the
+  parameters' dtype (torch/_refs/__init__.py's ``native_layer_norm`` converts
+  them to the input dtype only on CPU). Half inputs with half parameters run
+  :class:`_LayerNormFp32Statistics`, which keeps fp32 statistics. Under
+  autocast, LayerNorm is on CUDA's fp32 list (not on CPU's): inputs are cast.
+* ``F.softmax`` under autocast: CUDA runs it as ``fp32_set_opt_dtype``
+  (aten/src/ATen/autocast_mode.cpp, ``AT_FORALL_FP32_SET_OPT_DTYPE``), so a
+  bf16 input gives (and saves) an fp32 output; CPU autocast has no softmax
+  entry. We pass ``dtype=torch.float32`` as CUDA's autocast does, which runs
+  the same ops (a cast, then ``_softmax``).
 
 Not modelled: cuDNN attention (preferred on H100 by some torch releases; it
 saves about what flash saves), flash's padding of head dims to a multiple of 8,
 and the padded mask copy the efficient kernel makes for a mask whose strides
-are not multiples of 8.
+are not multiples of 8. Transients CUDA does not make, freed within the op:
+the half statistics the CPU LayerNorm kernel returns (forward) and the half
+copies of the fp32 ones its backward needs (2 x rows x 2 bytes each time), and
+the unpadded log-sum-exp the CPU flash kernel returns (B x H x S x 4 bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -90,19 +109,40 @@ def _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, e
     return output
 
 
-class _FusedAttentionSavings(torch.autograd.Function):
-    """CUDA's memory-efficient kernel with a bias that needs a gradient (T5 fine-tuned in full).
+LSE_ROW_ALIGNMENT = 32  # kAlignLSE: the efficient kernel's log-sum-exp has its query rows rounded up to this
 
-    The CPU flash kernel cannot differentiate its mask. This runs it forward
-    (no S x S intermediates), saves what the efficient kernel saves (q, k, v,
-    bias, output, logsumexp), and in backward makes the kernel's outputs: dq,
-    dk, dv from the CPU flash backward, and the bias gradient, computed in
-    place so that only one S x S temporary exists beside it.
+
+def _padded_logsumexp(logsumexp: torch.Tensor) -> torch.Tensor:
+    """The CPU flash kernel's (B, H, S) log-sum-exp in a storage as large as CUDA's efficient kernel allocates.
+
+    CUDA's is (B, H, ceil(S / 32) * 32) fp32. This keeps the CPU kernel's layout and strides (its
+    backward reads them) at the start of a storage of that size, so the bytes kept are CUDA's.
+    """
+    batch, heads, rows = logsumexp.shape
+    padded_rows = -(-rows // LSE_ROW_ALIGNMENT) * LSE_ROW_ALIGNMENT
+    if padded_rows == rows:
+        return logsumexp
+    storage = logsumexp.new_empty(batch * heads * padded_rows)
+    view = storage.as_strided(logsumexp.shape, logsumexp.stride())
+    return view.copy_(logsumexp)
+
+
+class _FusedAttentionSavings(torch.autograd.Function):
+    """CUDA's memory-efficient kernel: what it keeps for backward, on CPU tensors.
+
+    Forward runs the CPU flash kernel (no S x S intermediates) and saves what the
+    efficient kernel saves: q, k, v, bias, output and the log-sum-exp, padded as
+    CUDA pads it (:func:`_padded_logsumexp`). Backward makes the kernel's
+    outputs: dq, dk, dv from the CPU flash backward, and, when the bias needs one
+    (T5 fine-tuned in full; the CPU flash kernel cannot differentiate its mask),
+    the bias gradient, computed in place so that only one S x S temporary exists
+    beside it.
     """
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale):
         output, logsumexp = compat.cpu_flash_attention(query, key, value, is_causal, attn_mask, scale)
+        logsumexp = _padded_logsumexp(logsumexp)
         ctx.save_for_backward(query, key, value, attn_mask, output, logsumexp)
         ctx.is_causal, ctx.scale = is_causal, scale
         return output
@@ -131,7 +171,7 @@ def _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, sc
     if kernel == "math":
         return _math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     attn_mask = _additive(attn_mask, query.dtype)
-    if attn_mask is not None and attn_mask.requires_grad:
+    if kernel == "efficient" or (attn_mask is not None and attn_mask.requires_grad):
         return _FusedAttentionSavings.apply(query, key, value, attn_mask, is_causal, scale)
     # flash and efficient keep output + logsumexp (and their inputs); the CPU flash kernel does
     # the same, and like CUDA's flash it takes fewer key/value heads as they are.
@@ -178,25 +218,93 @@ def _cuda_sdpa(original_sdpa):
     return scaled_dot_product_attention
 
 
-class CudaSemantics:
-    """Context manager: ``F.dropout`` and ``F.scaled_dot_product_attention`` save CUDA's bytes on CPU.
+class _LayerNormFp32Statistics(torch.autograd.Function):
+    """LayerNorm of a half input with half parameters, keeping fp32 ``mean`` and ``rstd`` as CUDA does.
 
-    The swap itself, and why it is a swap, is
-    :func:`membench.compat.route_dropout_and_sdpa_like_cuda`; it is process-wide,
+    The CPU kernel computes the statistics in fp32 and returns them rounded to the
+    input dtype; this keeps fp32 copies of those rounded values and hands the
+    backward kernel half copies again, so output and gradients are the CPU
+    kernel's, bit for bit. Saved: input, weight, bias, mean, rstd, what
+    ``native_layer_norm``'s own backward keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, input, normalized_shape, weight, bias, eps):
+        output, mean, rstd = compat.layer_norm_forward(input, normalized_shape, weight, bias, eps)
+        mean, rstd = mean.float(), rstd.float()
+        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        ctx.normalized_shape = normalized_shape
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, mean, rstd = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        grad_input, grad_weight, grad_bias = compat.layer_norm_backward(
+            grad_output, input, ctx.normalized_shape, mean.to(input.dtype), rstd.to(input.dtype), weight, bias,
+            wanted)
+        return grad_input, None, grad_weight, grad_bias, None
+
+
+def _autocast_fp32(tensor):
+    """CUDA autocast's fp32 policy for one argument: floating tensors below fp32 are cast up."""
+    eligible = tensor is not None and tensor.is_floating_point() and tensor.dtype not in (torch.float32,
+                                                                                         torch.float64)
+    return tensor.float() if eligible else tensor
+
+
+def _cuda_layer_norm(original_layer_norm):
+    """``F.layer_norm`` keeping, on CPU tensors, fp32 statistics for half inputs as CUDA's kernel does."""
+
+    def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if input.device.type != "cpu":
+            return original_layer_norm(input, normalized_shape, weight, bias, eps)
+        if torch.is_autocast_enabled("cpu"):  # layer_norm is on CUDA autocast's fp32 list (not on CPU's)
+            input, weight, bias = _autocast_fp32(input), _autocast_fp32(weight), _autocast_fp32(bias)
+        half_parameters = all(t is None or t.dtype == input.dtype for t in (weight, bias))
+        if input.dtype not in FLASH_DTYPES or not half_parameters:
+            # fp32 statistics already: fp32 inputs, or half inputs with fp32 parameters (the mixed kernel)
+            return original_layer_norm(input, normalized_shape, weight, bias, eps)
+        return _LayerNormFp32Statistics.apply(input, list(normalized_shape), weight, bias, eps)
+
+    return layer_norm
+
+
+def _cuda_softmax(original_softmax):
+    """``F.softmax`` under CPU autocast run as CUDA autocast runs it: in fp32 unless a dtype is given."""
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if (dtype is None and input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and input.is_floating_point() and input.dtype != torch.float64):
+            dtype = torch.float32  # fp32_set_opt_dtype
+        return original_softmax(input, dim, _stacklevel, dtype)
+
+    return softmax
+
+
+class CudaSemantics:
+    """Context manager: ``F.dropout``, ``F.scaled_dot_product_attention``, ``F.layer_norm`` and
+    ``F.softmax`` save CUDA's bytes on CPU.
+
+    The swaps themselves, and why they are swaps, are
+    :func:`membench.compat.route_dropout_and_sdpa_like_cuda` and
+    :func:`membench.compat.route_layer_norm_and_softmax_like_cuda`; they are process-wide,
     so one measurement per process at a time, and this object is not re-entrant.
     """
 
     def __init__(self) -> None:
-        self._route = None
+        self._routes = None
 
     def __enter__(self) -> "CudaSemantics":
-        if self._route is not None:
+        if self._routes is not None:
             raise RuntimeError("CudaSemantics is already active")
-        route = compat.route_dropout_and_sdpa_like_cuda(_cuda_dropout, _cuda_sdpa)
-        route.__enter__()
-        self._route = route
+        stack = contextlib.ExitStack()
+        with stack:
+            stack.enter_context(compat.route_dropout_and_sdpa_like_cuda(_cuda_dropout, _cuda_sdpa))
+            stack.enter_context(compat.route_layer_norm_and_softmax_like_cuda(_cuda_layer_norm, _cuda_softmax))
+            self._routes = stack.pop_all()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        route, self._route = self._route, None
-        route.__exit__(*exc_info)
+        routes, self._routes = self._routes, None
+        routes.__exit__(*exc_info)

@@ -116,4 +116,6 @@ class SimulateBackend(TrackedBackend):
             "fake_device": self.device.type,
             "runtime_overhead_bytes": self.profile.runtime_overhead_bytes,
             "cuda_semantics": self.cuda_semantics,
+            # Whose kernels' saved bytes the figures follow (membench.analytic.measured_kernels).
+            "kernels": "cuda" if (self.cuda_semantics or self.device.type == "cuda") else "cpu",
         }

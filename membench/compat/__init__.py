@@ -20,6 +20,9 @@ One module per upstream package and concern; patches for other packages
   :func:`cpu_flash_attention`, :func:`cpu_flash_attention_backward` and
   :func:`math_sdp_reduces_in_half_precision` are the private kernels the CUDA
   emulation (``membench.backends.cuda_semantics``) calls.
+* ``torch_norms``: :func:`route_layer_norm_and_softmax_like_cuda` swaps
+  ``F.layer_norm`` and ``F.softmax``; :func:`layer_norm_forward` and
+  :func:`layer_norm_backward` are the LayerNorm kernels the emulation calls.
 * ``torch_memory``: :func:`storage_id` and :func:`when_storage_freed` (storage
   identity and lifetime), :func:`op_returns_alias` (an op's schema),
   :func:`global_module_forward_hooks`, :func:`adamw_host_step_counters`,
@@ -61,6 +64,12 @@ from membench.compat.torch_memory import (
     storage_id,
     when_storage_freed,
 )
+from membench.compat.torch_norms import (
+    check_layer_norm_and_softmax_routing,
+    layer_norm_backward,
+    layer_norm_forward,
+    route_layer_norm_and_softmax_like_cuda,
+)
 from membench.compat.transformers_models import (
     check_activation_checkpointing,
     checked_masking_utils,
@@ -71,6 +80,7 @@ from membench.compat.transformers_models import (
 #: Entry -> the check that its target is as membench expects (raises CompatError if not).
 CHECKS: dict[str, Callable[[], Any]] = {
     "route_dropout_and_sdpa_like_cuda": check_dropout_and_sdpa_routing,
+    "route_layer_norm_and_softmax_like_cuda": check_layer_norm_and_softmax_routing,
     "no_packed_sequences": checked_masking_utils,
     "storage_id, when_storage_freed": check_storage_identity,
     "op_returns_alias": check_op_schema,
@@ -97,7 +107,8 @@ def check_all() -> list[str]:
 __all__ = [
     "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
     "check_all", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
-    "global_module_forward_hooks", "installed_version", "math_sdp_reduces_in_half_precision", "no_packed_sequences",
-    "op_returns_alias", "record_cuda_memory_history", "route_dropout_and_sdpa_like_cuda", "safe_softmax",
+    "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
+    "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
+    "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",
     "storage_id", "when_storage_freed",
 ]
