@@ -114,5 +114,11 @@ class Prober:
             return _execute(dataclasses.replace(self.plan, run=run))
         key = traces.trace_key(run)
         if key not in self.traces:
-            self.traces[key] = traces.load_or_record(run)
+            try:
+                self.traces[key] = traces.load_or_record(run)
+            except getattr(traces, "TraceNotGeneral", ()):  # the structure changes with size: simulate
+                self.traces[key] = None
+        if self.traces[key] is None:
+            self.direct += 1
+            return _execute(dataclasses.replace(self.plan, run=run))
         return traces.evaluate(self.traces[key], run)
