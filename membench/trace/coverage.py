@@ -14,7 +14,7 @@ from membench.config import RunConfig
 #: Model families (transformers ``model_type``) and the task each is covered with.
 FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "causal_lm"}
 METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing, any rank/dropout
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # fp16: saved-tensor op attribution differed once (with dropout)
 ATTENTION = ("sdpa", "eager")
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
 
@@ -56,6 +56,14 @@ def covered(run: RunConfig) -> Optional[str]:
         return f"{model_type} with task {run.model.task} is not covered"
     if run.model.attn_implementation not in ATTENTION:
         return f"attention {run.model.attn_implementation!r} is not covered"
+    if run.method.uses_adapters and run.method.lora_dropout:
+        return "method.lora_dropout > 0 is not covered yet (saved-tensor op attribution differed from direct)"
+    if run.model.attn_implementation == "sdpa" and (
+            model_type == "t5" or (model_type == "roberta" and run.train.precision in ("fp32", "bf16-autocast"))):
+        return ("sdpa's memory-efficient kernel (T5's bias, RoBERTa in fp32) pads to multiples of 32: "
+                "the trace would split on S % 32")
+    if model_type == "llama" and run.model.attn_implementation == "eager" and not run.method.gradient_checkpointing:
+        return "LLaMA with eager attention is not covered (saved-tensor op attribution differed from direct)"
     if run.method.kind not in METHOD_KINDS:
         return f"method.kind={run.method.kind} is not covered"
     if run.train.precision not in PRECISIONS:
