@@ -150,7 +150,7 @@ def test_command_writes_json_and_csv_and_the_report_reads_them(tmp_path, batch_p
         *BASE[:1], "method.rank=4", "method=full",  # method= is ignored and method.rank skips full
         "backend.name=cpu", "workload.batch_size=2", "workload.seq_len=16", "workload.warmup_steps=0",
         "maxfit.methods=[lora,lora_fa,full]", f"maxfit.budgets_bytes=[{budget}]",
-        "maxfit.dimensions=[batch_size]", f"maxfit.output={tmp_path / 'maxfit'}", out=out)
+        "maxfit.dimensions=[batch_size]", f"maxfit.output={tmp_path / 'maxfit'}", "maxfit.by=allocated", out=out)
     assert [row["method"] for row in rows] == ["lora", "lora_fa", "full"]
     assert rows[0]["max_fit"] == 3 and rows[0]["rank"] == 4 and rows[2]["rank"] is None
     assert rows[1]["max_fit"] >= rows[0]["max_fit"]  # LoRA-FA keeps no copy of X
@@ -297,3 +297,18 @@ def test_bad_confirm_is_a_config_error(monkeypatch):
     monkeypatch.setattr(maxfit, "execute", lambda *a, **k: pytest.fail("probed despite bad input"))
     with pytest.raises(ConfigError, match="maxfit.confirm='sometimes' is not supported; choose one of: method"):
         run_app("model=tiny-llama", "maxfit.confirm=sometimes")
+
+
+def test_search_by_reserved_answers_at_most_the_allocated_answers(batch_peaks):
+    """Reserved memory (segments, fragmentation included) is at least allocated: it fits no more."""
+    budgets = [batch_peaks[4] * 3, batch_peaks[4] * 5]  # reserved rounds to 2 MiB segments: budgets above them
+    runs = [run_config(*BASE)]
+    allocated = maxfit.maxfit_rows(runs, ["batch_size"], budgets, by="allocated")
+    reserved = maxfit.maxfit_rows(runs, ["batch_size"], budgets, by="reserved")
+    for by_allocated, by_reserved in zip(allocated, reserved):
+        assert 0 < by_reserved["max_fit"] <= by_allocated["max_fit"]
+        assert by_reserved["peak_bytes_at_max_fit"] <= by_reserved["budget_bytes"] < by_reserved["peak_bytes_at_next"]
+    assert any(r["max_fit"] < a["max_fit"] for a, r in zip(allocated, reserved))
+    assert maxfit.MaxFitConfig().by == "reserved"
+    with pytest.raises(ConfigError, match="maxfit.by"):
+        maxfit.MaxFitConfig(by="free")

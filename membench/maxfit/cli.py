@@ -23,6 +23,10 @@ from membench.maxfit.text import budget_label, markdown_table, sentences
 #: Method keys that only adapter methods accept (RunConfig rejects them for method.kind=full).
 NOTE = ("budget = the most max_memory_allocated may reach; the CUDA context, the allocator's "
         "reserve/fragmentation and a card's nominal-vs-usable gap are not included: leave that headroom.")
+NOTE_BY = {"allocated": NOTE,
+           "reserved": ("budget = the most reserved memory (the caching allocator's segments, fragmentation "
+                        "included; max_memory_reserved on a GPU) may reach; the CUDA context (about 0.5 GiB) and a "
+                        "card's nominal-vs-usable gap are not included: leave that headroom.")}
 
 
 def _override_key(override: str) -> str:
@@ -74,17 +78,19 @@ def run_maxfit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[...,
           file=out, flush=True)
     rows = maxfit_rows(runs, settings.dimensions, budgets, search_cap=settings.search_cap,
                        verify_on_cuda=settings.verify, confirm=settings.confirm,
-                       log=lambda line: print(line, file=out, flush=True))
+                       log=lambda line: print(line, file=out, flush=True), by=settings.by)
     elapsed = time.perf_counter() - started
     recorded = {"runs": [dataclasses.asdict(r) for r in runs], "budgets_bytes": budgets,
                 "dimensions": list(settings.dimensions), "search_cap": settings.search_cap,
-                "verify": settings.verify}
+                "verify": settings.verify,
+                # by=allocated searches keep the file names they had before maxfit.by existed
+                **({"by": settings.by} if settings.by != "allocated" else {})}
     for run in recorded["runs"]:
         run.pop("results_dir")
         run.pop("force")
     json_path, csv_path = write_maxfit(rows, settings.output, recorded)
     frame = _typed(pd.DataFrame(rows))
-    print("", markdown_table(frame), "", *sentences(frame), "", NOTE, sep="\n", file=out)
+    print("", markdown_table(frame), "", *sentences(frame), "", NOTE_BY[settings.by], sep="\n", file=out)
     total = sum(row["new_probes"] for row in rows)
     print(f"{total} probes in {elapsed:.1f} s; wrote {json_path} and {csv_path}", file=out, flush=True)
     return rows, json_path, csv_path

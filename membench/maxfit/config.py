@@ -40,8 +40,12 @@ class MaxFitConfig:
     verify: bool = False
     confirm: str = "method"
     output: str = "results/maxfit"
+    by: str = "reserved"
 
     def __post_init__(self) -> None:
+        from membench.maxfit.probe import BY
+
+        check_choice("maxfit.by", self.by, BY)
         check_positive("maxfit.search_cap", self.search_cap)
         check_choice("maxfit.confirm", self.confirm, CONFIRM)
         check_dimensions(self.dimensions)

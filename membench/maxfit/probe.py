@@ -24,6 +24,18 @@ def _execute(the_plan: Plan) -> Result:
     return maxfit.execute(the_plan)
 
 
+#: What a probe's peak is (``maxfit.by``): the modelled or measured reserved memory (what decides a real
+#: OOM; the default), or max_memory_allocated (the answers before reserved memory was modelled).
+BY = ("reserved", "allocated")
+
+
+def peak_of(metrics: dict, by: str) -> Optional[int]:
+    """The peak ``by`` chooses: ``peak_reserved_bytes`` where the result has one, else ``peak_allocated_bytes``."""
+    if by == "reserved" and metrics.get("peak_reserved_bytes") is not None:
+        return metrics["peak_reserved_bytes"]
+    return metrics.get("peak_allocated_bytes")
+
+
 @dataclass(frozen=True)
 class Probe:
     """One measured point: the searched dimension at ``value``, everything else fixed."""
@@ -60,14 +72,19 @@ class Prober:
         via_trace: Evaluate probes from the run's symbolic trace (:mod:`membench.trace`: recorded
             or loaded once per trace key, then milliseconds a probe); a point no trace covers
             (size 1, ...) is simulated directly. Only for ``simulate``.
+        by: Which peak a probe reports (:data:`BY`, ``maxfit.by``): ``allocated`` (the default here:
+            the answers of before) or ``reserved`` (``membench-maxfit``'s default; a result without a
+            reserved figure falls back to its allocated peak).
     """
 
-    def __init__(self, the_plan: Plan, backend: Optional[str] = None, via_trace: bool = False) -> None:
+    def __init__(self, the_plan: Plan, backend: Optional[str] = None, via_trace: bool = False,
+                 by: str = "allocated") -> None:
         run = the_plan.run
         if backend is not None:
             run = dataclasses.replace(run, backend=dataclasses.replace(run.backend, name=backend))
         self.plan = dataclasses.replace(the_plan, run=run)
         self.via_trace = via_trace
+        self.by = by  # which peak a probe reports (BY)
         #: Where a search starts: 2 on traces (size 1 is never in a trace: 1 is probed only if 2 does not fit).
         self.first = 2 if via_trace else 1
         self.cache: dict[str, Probe] = {}
@@ -103,7 +120,7 @@ class Prober:
             result: Result = self._result(run)
         except ConfigError as error:  # e.g. a length the model cannot take: a failed probe, not a crash
             return Probe(value, "error", None, run.backend.name, None, str(error))
-        return Probe(value, result.status.state, result.metrics.get("peak_allocated_bytes"),
+        return Probe(value, result.status.state, peak_of(result.metrics, self.by),
                      result.env.get("backend", run.backend.name), result.env.get("device_name"),
                      result.status.message, result.env.get("trace"))
 

@@ -102,7 +102,7 @@ def confirm_finding(prober: Prober, direct: Prober, finding: Finding) -> Optiona
 
 def maxfit_rows(runs: Sequence[RunConfig], dimensions: Sequence[str], budgets_bytes: Sequence[int], *,
                 search_cap: int = 65536, verify_on_cuda: bool = False, confirm: str = "method",
-                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+                log: Optional[Callable[[str], None]] = None, by: str = "allocated") -> list[dict[str, Any]]:
     """One row per method (``runs``, one RunConfig each) x dimension x budget.
 
     Simulated searches with ``backend.trace=auto`` evaluate their probes from the method's trace
@@ -125,13 +125,13 @@ def maxfit_rows(runs: Sequence[RunConfig], dimensions: Sequence[str], budgets_by
     confirmed_once = False
     for the_plan in plans:
         run = the_plan.run
-        prober = Prober(the_plan, search_backend(run), via_trace=uses_trace(run))
-        cuda = Prober(the_plan, "cuda") if verify_on_cuda and prober.run.backend.name != "cuda" else None
+        prober = Prober(the_plan, search_backend(run), via_trace=uses_trace(run), by=by)
+        cuda = Prober(the_plan, "cuda", by=by) if verify_on_cuda and prober.run.backend.name != "cuda" else None
         found = [f for dimension in dimensions
                  for f in find_max_fit(run, dimension, budgets_bytes, search_cap=search_cap, prober=prober)]
         confirmed: set[int] = set()
         if prober.via_trace and cuda is None and confirm != "off" and not (confirm == "once" and confirmed_once):
-            direct = Prober(the_plan, search_backend(run))
+            direct = Prober(the_plan, search_backend(run), by=by)
             for finding in _to_confirm(prober, found, confirm):
                 disagreement = confirm_finding(prober, direct, finding)
                 if disagreement is not None:
