@@ -30,6 +30,7 @@ MAX_POINTS = 4000  # events are pooled into at most this many windows (each keep
 COLOURS = {"parameter": "#4c72b0", "gradient": "#dd8452", "optimizer state": "#55a868", "activation": "#c44e52",
            "temporary": "#8172b3", "workspace": "#937860"}
 PHASE_COLOURS = {"forward": "#f2f2f2", "backward": "#e0e0e0", "optimizer_step": "#cfcfcf"}
+PHASE_LABELS = {"forward": "forward", "backward": "backward", "optimizer_step": "optim."}
 
 
 @dataclass
@@ -127,7 +128,7 @@ def draw(timelines: Sequence[Timeline], path: Path) -> Path:
         x = list(range(len(timeline.allocated)))
         for phase, first, last in timeline.phases:
             axis.axvspan(first, max(first, last - 1), color=PHASE_COLOURS.get(phase, "#f8f8f8"), zorder=0)
-            axis.text((first + last) / 2, 0.01, phase.replace("_", " "), transform=axis.get_xaxis_transform(),
+            axis.text((first + last) / 2, 0.01, PHASE_LABELS.get(phase, phase), transform=axis.get_xaxis_transform(),
                       ha="center", va="bottom", fontsize=8, color="#555555")
         axis.stackplot(x, *[[v / GIB for v in timeline.stacks[c]] for c in CATEGORIES],
                        labels=CATEGORIES, colors=[COLOURS[c] for c in CATEGORIES], alpha=0.85, zorder=1)

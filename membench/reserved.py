@@ -375,3 +375,36 @@ def account(events: list[tuple], warmup_steps: int, alloc_conf: Optional[str], b
 
 
 GIB = 1 << 30
+
+
+def replay_process(histories: list[list[tuple]], settings: Optional[AllocatorSettings] = None,
+                   capacity_bytes: Optional[int] = None) -> list[ReservedFigures]:
+    """Several runs' histories in ONE process, one after another, ``gc.collect(); torch.cuda.empty_cache()``
+    between them: each run's storages are freed at its end and every fully free segment released; the
+    cuBLAS workspaces of the first run stay (the handles, and their workspaces, live as long as their
+    threads), so later runs do not allocate them again. Peaks are reset where each measured step starts.
+    """
+    model = CachingAllocatorModel(settings, capacity_bytes, record_trace=False)
+    results = []
+    for number, history in enumerate(histories):
+        renamed, live = [], {}
+        for event in history:
+            if event[0] == ALLOC:
+                if event[3] == WORKSPACE:
+                    if number == 0:
+                        renamed.append(event)
+                    continue
+                key = (number, event[1])
+                live[key] = True
+                renamed.append((ALLOC, key, *event[2:]))
+            elif event[0] == FREE:
+                key = (number, event[1])
+                live.pop(key, None)
+                renamed.append((FREE, key))
+            else:
+                renamed.append(event)
+        renamed += [(FREE, key) for key in live]  # gc.collect(): the run's model, batch and state die
+        figures, model, _ = replay_reserved(renamed, model=model)
+        results.append(figures)
+        model.empty_cache()
+    return results

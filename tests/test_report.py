@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from membench.report import analytic, figures, validate, verdict
+from membench.report import analytic, figures, tables, validate, verdict
 from membench.report.cli import build_report, main
 from membench.report.compare import side_by_side
 from membench.report.load import load_results
@@ -135,18 +135,20 @@ def test_report_writes_every_table_and_figure(sweep_dir, tmp_path):
     pairs = sorted({(r.model, setting(r), rank_cell(r.rank)) for r in finished.itertuples()
                     if r.kind != "full" and not r.recompute})
     expected = {
-        "breakdown": (["model", "method", "r", "setting", "status", f"peak ({size})", "weights", "gradients",
+        "breakdown": (["model", "method", "r", "setting", "status", f"peak ({size})", f"reserved ({size})",
+                       "fragmentation", "weights", "gradients",
                        "optimizer", "activations", "saved for backward", "step (ms)"],
                       sorted((r.model, METHOD_LABELS[r.method], rank_cell(r.rank), setting(r), r.status)
                              for r in frame.itertuples())),
         "comparison": (["model", "setting", "r", f"full ({size})", f"LoRA ({size})", f"LoRA-FA ({size})",
-                        f"LoRA+recompute ({size})", "LoRA/LoRA-FA", "activations LoRA/LoRA-FA", "full/LoRA-FA",
+                        f"LoRA+recompute ({size})", "LoRA/LoRA-FA", "LoRA/LoRA-FA reserved",
+                        "activations LoRA/LoRA-FA", "full/LoRA-FA",
                         "recompute time"],
                        sorted(c[1:] for c in configurations)),
         "headline": (["model", "setting", f"full ({size})", f"LoRA ({size})", f"LoRA-FA ({size})",
                       f"LoRA+recompute ({size})", "LoRA/LoRA-FA", "full/LoRA-FA"],
                      sorted((model,) for model in MODELS)),
-        "verdict": (["model", "setting", "r", "LoRA/LoRA-FA peak", "LoRA/LoRA-FA activations",
+        "verdict": (["model", "setting", "r", "LoRA/LoRA-FA peak", "LoRA/LoRA-FA reserved", "LoRA/LoRA-FA activations",
                      "activation share (LoRA)", "≥ 1.4×"], pairs),
     }
     for name, (columns, rows) in expected.items():
@@ -260,3 +262,28 @@ def test_figure_title_sits_above_every_panel_title(sweep_dir, name):
         assert title.y0 >= max(box.y1 for box in panel_titles), name
     finally:
         plt.close(fig)
+
+
+def test_reserved_columns_and_verdict_and_old_results_without_them(sweep_dir, tmp_path):
+    frame, _ = load_results(sweep_dir)
+    simulated = frame[frame["backend"] == "simulate"]
+    assert simulated["peak_reserved_bytes"].notna().all() and str(frame["fragmentation_bytes"].dtype) == "Int64"
+    table = side_by_side(simulated)
+    row = table.iloc[0]
+    assert row.reserved_lora_over_lora_fa == pytest.approx(row.reserved_lora / row.reserved_lora_fa)
+    assert "LoRA/LoRA-FA reserved" in verdict.verdict_table(frame)
+    assert verdict.reserved_effect(frame).startswith("On peak reserved memory")
+    breakdown = tables.breakdown_table(frame)
+    assert {"reserved (MiB)", "fragmentation"} <= set(breakdown.columns)
+    # Results written before reserved memory was modelled: the same report, with dashes.
+    old = tmp_path / "runs"
+    old.mkdir()
+    for path in sweep_dir.glob("runs/*.json"):
+        data = json.loads(path.read_text())
+        for key in ("peak_reserved_bytes", "fragmentation_bytes", "reserved_segments", "num_alloc_retries"):
+            data["metrics"].pop(key, None)
+        (old / path.name).write_text(json.dumps(data))
+    old_frame, _ = load_results(tmp_path)
+    assert verdict.reserved_effect(old_frame).startswith("No ")  # says there is nothing to compare
+    assert set(tables.breakdown_table(old_frame)["fragmentation"]) == {"—"}
+    assert set(verdict.verdict_table(old_frame)["LoRA/LoRA-FA reserved"]) == {"—"}

@@ -14,7 +14,7 @@ from membench.devices import DEVICES
 from membench.errors import ConfigError
 from membench.events import ALLOC, FREE, PHASE, WORKSPACE
 from membench.plan import plan
-from membench.reserved import categorize, process_history, replay_reserved
+from membench.reserved import categorize, process_history, replay_process, replay_reserved
 from membench.runner import execute
 
 MiB = 1 << 20
@@ -114,3 +114,14 @@ def test_reserved_beyond_the_card_is_a_predicted_oom():
     assert "predicted reserved memory runs out" in result.status.message
     assert result.metrics["peak_allocated_bytes"] < 80 * MiB  # by allocated bytes alone it would fit
     assert create_backend(tiny("tiny-llama", "lora", backend="simulate").backend).name == "simulate"
+
+
+def test_runs_in_one_process_share_the_workspaces_and_release_their_segments():
+    """gc.collect(); torch.cuda.empty_cache() between runs: only the cuBLAS workspaces carry over."""
+    history = [(ALLOC, 1, 30 * MiB, None), (PHASE, "forward", "measured step 1/1"),
+               (ALLOC, -1, 32 * MiB, WORKSPACE), (ALLOC, 2, 50 * MiB, "mm"), (FREE, 2)]
+    first, second = replay_process([history, history])
+    assert first.peak_reserved_bytes == second.peak_reserved_bytes == (30 + 32 + 50) * MiB
+    # In address order (oldest first): the first run's weight segment was released, its workspace kept.
+    assert first.segment_sizes == [30 * MiB, 32 * MiB, 50 * MiB]
+    assert second.segment_sizes == [32 * MiB, 30 * MiB, 50 * MiB]

@@ -38,6 +38,9 @@ def default_output(paths: list[Path]) -> Path:
 
 def verdict_markdown(frame: pd.DataFrame) -> str:
     parts = [f"# Verdict on LoRA-FA's \"up to {verdict.CLAIM}×\" claim\n", verdict.headline(frame) + "\n"]
+    reserved = verdict.reserved_effect(frame)
+    if reserved:
+        parts.append(reserved + "\n")
     share = verdict.share_effect(frame)
     if share:
         parts += ["## The share of activations decides the ratio\n",

@@ -45,13 +45,16 @@ def side_by_side(frame: pd.DataFrame) -> pd.DataFrame:
 
     Columns: the SETTING and ADAPTER keys, then ``peak_<method>``, ``activation_<method>``,
     ``status_<method>``, ``step_time_<method>`` for each method present, then
-    ``lora_over_lora_fa`` (peak ratio), ``act_lora_over_lora_fa`` (activation ratio),
+    ``lora_over_lora_fa`` (peak ratio), ``reserved_lora_over_lora_fa`` (the same on peak reserved
+    memory; NaN for results without it), ``act_lora_over_lora_fa`` (activation ratio),
     ``full_over_lora_fa``, ``recompute_time_overhead`` (lora_recompute / lora step time - 1),
     ``activation_share_lora`` (LoRA's activations / its peak) and ``oom_in_ratio``.
     """
     runs = _measured(frame).copy()
     if runs.empty:
         return pd.DataFrame()
+    if "peak_reserved_bytes" not in runs:  # results written before reserved memory was modelled
+        runs["peak_reserved_bytes"] = pd.NA
     runs["_setting"] = row_key(runs, SETTING)
     adapters = runs[runs["kind"] != "full"]
     full = runs[runs["kind"] == "full"]
@@ -65,11 +68,14 @@ def side_by_side(frame: pd.DataFrame) -> pd.DataFrame:
             set(runs["method"]) - set(METHOD_ORDER)):
         subset = runs[runs["method"] == method]
         on = ["_setting"] if subset["kind"].iloc[0] == "full" else ["_setting", "_adapter"]
-        picked = subset[[*on, "peak_allocated_bytes", "activation_bytes", "status", "step_time_s"]].rename(columns={
-            "peak_allocated_bytes": f"peak_{method}", "activation_bytes": f"activation_{method}",
+        picked = subset[[*on, "peak_allocated_bytes", "peak_reserved_bytes", "activation_bytes", "status",
+                         "step_time_s"]].rename(columns={
+            "peak_allocated_bytes": f"peak_{method}", "peak_reserved_bytes": f"reserved_{method}",
+            "activation_bytes": f"activation_{method}",
             "status": f"status_{method}", "step_time_s": f"step_time_{method}"})
         table = table.merge(picked.drop_duplicates(on), on=on, how="left")
     table["lora_over_lora_fa"] = _ratio(table, "peak_lora", "peak_lora_fa")
+    table["reserved_lora_over_lora_fa"] = _ratio(table, "reserved_lora", "reserved_lora_fa")
     table["act_lora_over_lora_fa"] = _ratio(table, "activation_lora", "activation_lora_fa")
     table["full_over_lora_fa"] = _ratio(table, "peak_full", "peak_lora_fa")
     table["recompute_time_overhead"] = _ratio(table, "step_time_lora_recompute", "step_time_lora") - 1

@@ -16,7 +16,7 @@ import pandas as pd
 
 from membench.results import Result, ResultFileError, read_result
 
-BYTE_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "weight_bytes", "gradient_bytes",
+BYTE_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "fragmentation_bytes", "weight_bytes", "gradient_bytes",
                 "optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes", "runtime_overhead_bytes",
                 "device_total_memory_bytes")
 #: Columns that identify a workload apart from the method; runs equal on these are compared.

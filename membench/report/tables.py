@@ -50,6 +50,7 @@ def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
             "r": "—" if pd.isna(row["rank"]) else str(row["rank"]),
             **{f"{METHOD_LABELS[m]} ({name})": _peak(row, m, size) for m in methods},
             "LoRA/LoRA-FA": ratio(row["lora_over_lora_fa"], bool(row["oom_in_ratio"])),
+            "LoRA/LoRA-FA reserved": ratio(row.get("reserved_lora_over_lora_fa")),
             "activations LoRA/LoRA-FA": ratio(row["act_lora_over_lora_fa"]),
             "full/LoRA-FA": ratio(row["full_over_lora_fa"]),
             "recompute time": "—" if pd.isna(row["recompute_time_overhead"])
@@ -67,6 +68,9 @@ def breakdown_table(frame: pd.DataFrame) -> pd.DataFrame:
             "model": run["model"], "method": METHOD_LABELS.get(run["method"], run["method"]),
             "r": "—" if pd.isna(run["rank"]) else str(run["rank"]), "setting": setting_label(run),
             "status": run["status"], f"peak ({name})": gib(run.get("peak_allocated_bytes"), size),
+            # The caching allocator's segments (measured on cuda, modelled on simulate/cpu; — for older results)
+            f"reserved ({name})": gib(run.get("peak_reserved_bytes"), size),
+            "fragmentation": gib(run.get("fragmentation_bytes"), size),
             "weights": gib(run.get("weight_bytes"), size), "gradients": gib(run.get("gradient_bytes"), size),
             "optimizer": gib(run.get("optimizer_state_bytes"), size),
             "activations": gib(run.get("activation_bytes"), size),

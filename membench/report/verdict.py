@@ -42,6 +42,7 @@ def verdict_table(frame: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "model": row["model"], "setting": setting_label(row), "r": str(row["rank"]),
             "LoRA/LoRA-FA peak": ratio(row["lora_over_lora_fa"], bool(row["oom_in_ratio"])),
+            "LoRA/LoRA-FA reserved": ratio(row.get("reserved_lora_over_lora_fa")),
             "LoRA/LoRA-FA activations": ratio(row["act_lora_over_lora_fa"]),
             "activation share (LoRA)": "—" if pd.isna(row["activation_share_lora"])
             else f"{row['activation_share_lora']:.0%}",
@@ -63,6 +64,26 @@ def headline(frame: pd.DataFrame) -> str:
             f"The ratio ranges from {worst['lora_over_lora_fa']:.2f}× ({worst['model']}, {setting_label(worst)}, "
             f"r{worst['rank']}) to {best['lora_over_lora_fa']:.2f}× ({best['model']}, {setting_label(best)}, "
             f"r{best['rank']}{oom}); the median is {table['lora_over_lora_fa'].median():.2f}×.")
+
+
+def reserved_effect(frame: pd.DataFrame) -> str:
+    """Whether the ratio changes when taken on peak reserved memory (what decides an OOM) instead of allocated."""
+    table = pairs(frame)
+    if table.empty:
+        return ""
+    if "reserved_lora_over_lora_fa" not in table:
+        return "No result has a reserved-memory figure (written before reserved memory was modelled)."
+    table = table.dropna(subset=["reserved_lora_over_lora_fa"])
+    if table.empty:
+        return "No LoRA/LoRA-FA pair has reserved-memory figures (written before reserved memory was modelled)."
+    change = (table["reserved_lora_over_lora_fa"] - table["lora_over_lora_fa"]).astype(float)
+    hits = int((table["reserved_lora_over_lora_fa"] >= CLAIM).sum())
+    worst = table.loc[change.abs().idxmax()]
+    return (f"On peak reserved memory (the caching allocator's segments, fragmentation included) the ratio is "
+            f"{table['reserved_lora_over_lora_fa'].min():.2f}–{table['reserved_lora_over_lora_fa'].max():.2f}× "
+            f"(median {table['reserved_lora_over_lora_fa'].median():.2f}×) over {len(table)} configurations; it "
+            f"moves from the allocated ratio by {change.min():+.2f} to {change.max():+.2f} (largest: {worst['model']}, "
+            f"{setting_label(worst)}, r{worst['rank']}); reserved reaches {CLAIM}× in {hits} of them.")
 
 
 def knob_effects(frame: pd.DataFrame) -> pd.DataFrame:
