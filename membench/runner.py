@@ -116,6 +116,8 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     try:
         with recording:
             metrics = _measure(the_plan, backend, progress)
+            for key, value in backend.allocator_figures().items():
+                setattr(metrics, key, value)
         predicted = backend.predicted_oom(metrics.phase_peak_bytes)
         if events is not None:
             from membench.reserved import account

@@ -173,3 +173,8 @@ def test_alloc_conf_is_applied_before_cuda_starts_and_recorded(gpu, monkeypatch)
     CudaBackend(alloc_conf="expandable_segments:True")  # already in effect: nothing to change
     with pytest.raises(ConfigError, match="already initialised.*start a new process with PYTORCH_CUDA_ALLOC_CONF"):
         CudaBackend(alloc_conf="max_split_size_mb:128")
+
+
+def test_allocator_figures_come_from_memory_stats(gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: {"segment.all.current": 7, "num_alloc_retries": 1})
+    assert CudaBackend().allocator_figures() == {"reserved_segments": 7, "num_alloc_retries": 1}

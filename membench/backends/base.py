@@ -105,6 +105,10 @@ class Backend(ABC):
         """Peak bytes the allocator held from the driver; None where there is no such allocator."""
         return None
 
+    def allocator_figures(self) -> dict:
+        """A real allocator's counterparts of the modelled reserved figures (Metrics field -> value); {} here."""
+        return {}
+
     @abstractmethod
     def is_oom(self, error: BaseException) -> bool: ...
 

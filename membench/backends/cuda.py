@@ -110,6 +110,15 @@ class CudaBackend(Backend):
     def peak_reserved(self) -> Optional[int]:
         return torch.cuda.max_memory_reserved(self.device)
 
+    def allocator_figures(self) -> dict:
+        """Segments held now and cudaMalloc retries, from ``torch.cuda.memory_stats`` (like for like with
+        :mod:`membench.reserved`'s ``reserved_segments`` and ``num_alloc_retries``)."""
+        try:
+            stats = torch.cuda.memory_stats(self.device)
+        except (RuntimeError, AssertionError, AttributeError):  # no statistics: leave the figures unset
+            return {}
+        return {"reserved_segments": stats.get("segment.all.current"), "num_alloc_retries": stats.get("num_alloc_retries")}
+
     def is_oom(self, error: BaseException) -> bool:
         if isinstance(error, torch.cuda.OutOfMemoryError):
             return True
