@@ -55,8 +55,9 @@ def test_sections_and_provenance(result, tmp_path):
 def test_bytes_are_integers(result):
     byte_keys = [k for k in result.metrics if k.endswith("_bytes") and not isinstance(result.metrics[k], dict)]
     assert byte_keys
-    assert result.metrics["peak_reserved_bytes"] is None  # only the real CUDA allocator reserves
-    for key in set(byte_keys) - {"peak_reserved_bytes"}:
+    # The caching-allocator model's reserved peak (membench.reserved): segments hold at least what is allocated.
+    assert result.metrics["peak_reserved_bytes"] >= result.metrics["peak_allocated_bytes"]
+    for key in byte_keys:
         assert isinstance(result.metrics[key], int), key
     for phase, value in result.metrics["phase_peak_bytes"].items():
         assert isinstance(value, int), phase
