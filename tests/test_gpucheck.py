@@ -229,3 +229,119 @@ def test_planned_jobs_find_the_files_membench_writes(tmp_path):
 
 def test_conf_tree_is_the_packaged_one():
     assert gpuchecks.CONF == CONF
+
+
+# ---------------------------------------------------------------- issue 13: reserved memory on the GPU
+
+MIB = 2**20
+
+
+def _trace(*events):
+    """A one-device snapshot dict from (action, addr, size) tuples (no segments: only the trace matters here)."""
+    return {"segments": [], "device_traces": [[{"action": action, "addr": addr, "size": size, "stream": 0,
+                                                 "time_us": time, "frames": []}
+                                                for time, (action, addr, size) in enumerate(events)]]}
+
+
+def test_compare_lists_allocator_figures_where_both_sides_have_them(simulated_and_cuda):
+    predicted, measured = copy.deepcopy(simulated_and_cuda)
+    predicted["metrics"].update(reserved_segments=7, num_alloc_retries=0, fragmentation_bytes=3 * MIB)
+    measured["metrics"].update(reserved_segments=9, num_alloc_retries=0, fragmentation_bytes=None)
+    measured["env"]["alloc_conf"] = predicted["env"]["alloc_conf"] = "expandable_segments:True"
+    compared = gpurun.compare(measured, predicted)
+    assert compared["reserved_segments"] == {"measured": 9, "predicted": 7, "difference": -2,
+                                             "difference_pct": round(100 * (7 / 9 - 1), 4)}
+    assert compared["num_alloc_retries"]["difference"] == 0 and compared["num_alloc_retries"]["difference_pct"] is None
+    assert "fragmentation_bytes" not in compared  # cuda has no fragmentation figure: not compared
+    assert compared["peak_reserved_bytes"]["measured"] == 4_000_000
+    assert compared["alloc_conf"] == {"measured": "expandable_segments:True", "predicted": "expandable_segments:True"}
+
+
+def test_snapshot_diff_reports_the_extra_workspace_and_the_missing_free():
+    from membench.gpucheck.snapshot_diff import diff_allocations
+
+    shared = [("alloc", 1, 4 * MIB), ("alloc", 2, 1000), ("free_requested", 1, 4 * MIB), ("free_completed", 1, 4 * MIB)]
+    real = _trace(*shared, ("alloc", 3, 32 * MIB))  # a 32 MiB workspace; the 1000-byte tensor stays alive
+    simulated = _trace(*shared, ("free_completed", 2, 1000))  # the simulation frees it
+    diff = diff_allocations(real, simulated)
+    assert diff["allocs_only_in_real"] == [{"size": 32 * MIB, "count": 1, "bytes": 32 * MIB}]
+    assert diff["allocs_only_in_real_unmatched_bytes"] == 32 * MIB
+    assert diff["allocs_only_in_simulated"] == [] and diff["frees_only_in_real"] == []
+    assert diff["frees_only_in_simulated"] == [{"size": 1024, "count": 1, "bytes": 1024}]  # 1000 B rounds to 1 KiB
+    assert (diff["real_allocs"], diff["simulated_allocs"], diff["real_frees"], diff["simulated_frees"]) == (3, 2, 1, 2)
+
+
+@pytest.mark.parametrize("alloc_conf", ["", "expandable_segments:True"])
+def test_replaying_a_model_snapshot_reproduces_its_peak_reserved(alloc_conf):
+    from membench.caching_allocator import AllocatorSettings, CachingAllocatorModel
+    from membench.gpucheck.snapshot_diff import compare_snapshots, replay_snapshot, snapshot_figures
+
+    model = CachingAllocatorModel(AllocatorSettings.parse(alloc_conf or None))
+    a, b, c = model.malloc(30 * MIB), model.malloc(5000), model.malloc(3 * MIB)
+    model.free(a)
+    d = model.malloc(50 * MIB)
+    model.free(c)
+    model.malloc(12 * MIB)
+    model.free(d)
+    model.empty_cache()  # segment frees/unmaps: the trace's peak is not the end
+    snapshot = model.snapshot()
+    figures = snapshot_figures(snapshot)
+    assert figures["peak_reserved_bytes"] == model.peak_reserved > model.reserved == figures["reserved_bytes"]
+    assert figures["segment_count"] == model.segment_count and figures["reserved_before_trace_bytes"] == 0
+    replay = replay_snapshot(snapshot, AllocatorSettings.parse(alloc_conf or None))
+    assert replay["peak_reserved_bytes"] == model.peak_reserved
+    assert replay["replayed_allocs"] == 5 and replay["frees_of_unknown_blocks"] == 0
+    report = compare_snapshots(snapshot, snapshot, alloc_conf)
+    assert report["replay_vs_real"]["peak_reserved_bytes"]["difference"] == 0
+    assert report["allocation_diff"]["allocs_only_in_real"] == report["allocation_diff"]["frees_only_in_simulated"] == []
+    json.dumps(report)
+
+
+def test_expandable_check_composes_on_both_backends():
+    from membench.identity import result_id
+
+    expandable = {check.name: check for check in CHECKS}["llama-7b-lora_fa-bf16-expandable"]
+    base = {check.name: check for check in CHECKS}["llama-7b-lora_fa-bf16"]
+    assert expandable.overrides == (*base.overrides, gpuchecks.EXPANDABLE)
+    for backend in ("cuda", "simulate"):
+        run = gpuchecks.run_configs(expandable, f"backend.name={backend}")
+        assert run.backend.alloc_conf == "expandable_segments:True"
+        assert gpuchecks.run_configs(base, f"backend.name={backend}").backend.alloc_conf == ""
+    simulate = ("backend.name=simulate", "backend.device=h200-141gb")
+    assert result_id(gpuchecks.run_configs(expandable, *simulate)) != result_id(gpuchecks.run_configs(base, *simulate))
+    names = [entry.name for entry in gpuchecks.PROBES]
+    assert "snapshot-replay" in names
+    assert (sum(map(gpuchecks.gpu_seconds, CHECKS)) + gpurun.CARD_PROBE_S
+            + sum(entry.estimated_s for entry in gpuchecks.PROBES) <= gpurun.DEFAULT_BUDGET_S)
+
+
+def test_snapshot_replay_probe_reads_the_kit_snapshot(tmp_path):
+    """The probe finds the snapshot check's pickle under snapshots/, replays it, and starts the simulate twin."""
+    from membench.caching_allocator import CachingAllocatorModel
+    from membench.gpucheck import probes
+    from membench.reserved import write_snapshot
+
+    model = CachingAllocatorModel()
+    model.free(model.malloc(40 * MIB))
+    model.malloc(1 * MIB)
+    check = probes.snapshot_check()
+    result = gpurun.result_path(check, tmp_path / "snapshots", list(probes.CUDA_SNAPSHOT))
+    pickle_path = result.with_name(f"{result.stem}.snapshot.pickle")
+    write_snapshot(model.snapshot(), pickle_path)
+    result.write_text(json.dumps({"env": {"memory_snapshot": str(pickle_path), "alloc_conf": "",
+                                          "device_name": "NVIDIA H200"}}))
+    started = []
+
+    def runner(argv, timeout_s):
+        started.append(argv)
+        return 1, "no simulation here"
+
+    context = gpuchecks.ProbeContext(tmp_path, sys.executable, 100.0, runner)
+    report = probes.snapshot_replay(context)
+    assert report["replay_vs_real"]["peak_reserved_bytes"]["difference"] == 0
+    assert report["real"]["peak_reserved_bytes"] == model.peak_reserved
+    assert report["simulated_snapshot"] is None and "replay only" in report["message"]
+    assert {"backend.name=simulate", "backend.memory_snapshot=true", "backend.device=h200-141gb"} <= set(started[0])
+    assert (tmp_path / "logs" / f"{check.name}--snapshot-simulate.log").read_text() == "no simulation here"
+    skipped = probes.snapshot_replay(gpuchecks.ProbeContext(tmp_path / "empty", sys.executable, 100.0, runner))
+    assert skipped["state"].startswith("skipped: no snapshot")

@@ -10,11 +10,18 @@ then runs every check of :data:`membench.gpucheck.checks.CHECKS` three times, ea
 (``python -m membench.cli``): on ``cuda``, and on ``simulate`` with fake CPU and fake CUDA tensors.
 One check also runs with ``backend.memory_snapshot=true``. It writes ``runs/<backend>/`` (result
 JSONs), ``snapshots/``, ``logs/``, ``summary.json`` (per check, measured against predicted peak
-allocated, reserved, activations and step time, in bytes and %; the card; versions),
+allocated, peak reserved, activations and step time, in bytes and %; segment counts and cudaMalloc
+retries where both sides have them; the card; versions; the probes' dicts),
 ``validation.md`` (:mod:`membench.report.validate`'s tables) and ``README.md``. A budget guard
 (``--budget-s``, 420 s by default) starts no job whose estimated cost no longer fits, records it as
 ``skipped: budget``, and kills anything still running when the time is up. Without a visible CUDA GPU
 it refuses with exit status 2 (``--dry-run`` excepted).
+
+Reserved memory: check ``llama-7b-lora_fa-bf16-expandable`` repeats the LLaMA-7B LoRA-FA reference
+with ``backend.alloc_conf=expandable_segments:True`` on both sides, and the ``snapshot-replay`` probe
+(:mod:`membench.gpucheck.probes`) replays the snapshot check's real allocator trace through the
+caching-allocator model and lists the allocation sizes the simulated log misses
+(:mod:`membench.gpucheck.snapshot_diff`).
 
 **Adding a GPU check (later issues do it here, and only here).**
 
@@ -38,5 +45,6 @@ it refuses with exit status 2 (``--dry-run`` excepted).
 
 from membench.gpucheck.checks import CHECKS, PROBES, Check, Probe, ProbeContext, coverage, probe
 from membench.gpucheck.run import device_key, main
+from membench.gpucheck import probes  # noqa: E402,F401 - registers snapshot-replay
 
 __all__ = ["CHECKS", "PROBES", "Check", "Probe", "ProbeContext", "coverage", "device_key", "main", "probe"]

@@ -33,6 +33,9 @@ SNAPSHOT_RUN_S = 25  # a small model plus recording every allocation's Python st
 
 REFERENCE_LLAMA = ("model=llama-7b", "method.rank=64", "method.adapter_dtype=base", "train.precision=bf16",
                    "workload.batch_size=16", "workload.seq_len=512")
+# Allocator settings go into a check's overrides, so cuda (PYTORCH_CUDA_ALLOC_CONF before CUDA starts)
+# and simulate (membench.reserved's model) run with the same ones.
+EXPANDABLE = "backend.alloc_conf=expandable_segments:True"
 ROBERTA_REFERENCE = ("model=roberta-large", "method.rank=8", "workload.batch_size=32", "workload.seq_len=128",
                      "model.attn_implementation=eager")
 
@@ -48,7 +51,8 @@ class Check:
 
     Attributes:
         name: Short label, unique; also the summary key.
-        overrides: Hydra overrides (``model=``, ``method=`` and any ``key=value``), without backend keys.
+        overrides: Hydra overrides (``model=``, ``method=`` and any ``key=value``); the only backend key
+            they may carry is ``backend.alloc_conf`` (the kit adds the rest per backend).
         why: What this check adds that the others do not (the coverage itself is computed).
         estimated_s: Estimated wall seconds of its ``cuda`` run (the budget guard's unit).
         reference_case: The ``case`` of its row in ``membench/data/h100_reference.csv``, if any.
@@ -104,6 +108,9 @@ CHECKS: list[Check] = [
     Check("roberta-base-lora_fa-snapshot", ("model=roberta-base", "method=lora_fa", "method.rank=8",
                                             "workload.batch_size=8", "workload.seq_len=128"),
           "small enough that its allocator snapshot can be committed", snapshot=True),
+    Check("llama-7b-lora_fa-bf16-expandable", ("method=lora_fa", *REFERENCE_LLAMA, EXPANDABLE),
+          "check llama-7b-lora_fa-bf16 with expandable segments on both sides: measured and predicted "
+          "reserved memory with and without them", estimated_s=LARGE_RUN_S),
     Check("llama-7b-lora-bf16", ("method=lora", *REFERENCE_LLAMA),
           "H100 reference row: plain LoRA beside check llama-7b-lora_fa-bf16 (the LoRA/LoRA-FA ratio)",
           estimated_s=LARGE_RUN_S, reference_case="llama-7b/lora-bf16-adapters"),

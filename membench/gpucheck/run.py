@@ -40,6 +40,9 @@ SIMULATE_LARGE_S = 35
 CARD_PROBE_S = 20
 SIMULATIONS = ("simulate-fake-cpu", "simulate-fake-cuda")
 FIGURES = ("peak_allocated_bytes", "peak_reserved_bytes", "activation_bytes", "step_time_s")
+# The caching allocator's other figures: compared only where both results carry them (cuda reads
+# segments and retries from torch.cuda.memory_stats but has no fragmentation figure of its own).
+ALLOCATOR_FIGURES = ("fragmentation_bytes", "reserved_segments", "num_alloc_retries")
 
 
 def device_key(name: str) -> str:
@@ -161,18 +164,27 @@ def run_lanes(gpu_jobs: list[Job], cpu_jobs: list[Job], budget: Budget, run_one:
 def compare(measured: dict[str, Any], predicted: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per figure: measured, predicted, predicted - measured and 100 x (predicted / measured - 1).
 
+    Every figure of :data:`FIGURES` is listed (None where a side lacks it); those of
+    :data:`ALLOCATOR_FIGURES` (fragmentation, segment count, cudaMalloc retries) only where both
+    sides have them. ``alloc_conf`` gives each side's allocator settings (like for like: both runs
+    get the check's ``backend.alloc_conf``).
+
     Args:
-        measured, predicted: Result dicts (``membench.results.Result.to_dict()``). Bytes are integers;
-            ``step_time_s`` is seconds (a simulated step is not timed like a GPU one: CPU seconds).
+        measured, predicted: Result dicts (``membench.results.Result.to_dict()``). Bytes and counts are
+            integers; ``step_time_s`` is seconds (a simulated step is not timed like a GPU one: CPU seconds).
     """
-    out = {}
-    for figure in FIGURES:
+    out: dict[str, Any] = {}
+    for figure in FIGURES + ALLOCATOR_FIGURES:
         real, guess = measured["metrics"].get(figure), predicted["metrics"].get(figure)
+        if figure in ALLOCATOR_FIGURES and (real is None or guess is None):
+            continue
         entry: dict[str, Any] = {"measured": real, "predicted": guess, "difference": None, "difference_pct": None}
         if real is not None and guess is not None:
-            entry["difference"] = guess - real if figure.endswith("_bytes") else round(guess - real, 6)
+            entry["difference"] = guess - real if figure != "step_time_s" else round(guess - real, 6)
             entry["difference_pct"] = round(100 * (guess / real - 1), 4) if real else None
         out[figure] = entry
+    out["alloc_conf"] = {"measured": measured.get("env", {}).get("alloc_conf"),
+                         "predicted": predicted.get("env", {}).get("alloc_conf")}
     return out
 
 
@@ -332,8 +344,9 @@ def readme(command: str, summary: dict[str, Any]) -> str:
         f"PEFT {summary['environment']['peft']}.\n",
         f"{len(summary['checks'])} checks, {states.count('ok')} runs ok, {states.count('oom')} oom, "
         f"{states.count('error')} error" + (f"; not finished: {', '.join(skipped)}" if skipped else "") + ".\n",
-        "- `summary.json`: per check, cuda against each simulation (peak allocated, reserved, activations, "
-        "step time: bytes and %), the idle card (`environment.card`: capacity, `mem_get_info`, cuBLAS "
+        "- `summary.json`: per check, cuda against each simulation (peak allocated, peak reserved, activations, "
+        "step time: bytes and %; segments, retries and fragmentation where both sides have them), "
+        "the snapshot-replay probe (the real snapshot through the allocator model), the idle card (`environment.card`: capacity, `mem_get_info`, cuBLAS "
         "workspaces), versions.",
         "- `validation.md`: membench.report.validate's tables for these runs.",
         "- `runs/cuda`, `runs/simulate-fake-cpu`, `runs/simulate-fake-cuda`: the result JSONs.",
