@@ -83,7 +83,8 @@ def test_simulated_device():
     assert gpurun.simulated_device("NVIDIA H100 80GB HBM3") == ("h100-80gb", None)
     key, note = gpurun.simulated_device("NVIDIA H200 NVL")
     assert key == "h200-141gb" and "NVL" in note
-    key, note = gpurun.simulated_device("NVIDIA L4")
+    assert gpurun.simulated_device("NVIDIA L4") == ("l4-24gb", None)
+    key, note = gpurun.simulated_device("NVIDIA GeForce GTX 1080")  # a card with no profile
     assert key == "h100-80gb" and "no profile" in note
 
 
