@@ -146,10 +146,13 @@ def test_norm_routing_makes_half_layer_norm_keep_fp32_statistics_and_autocast_so
     for label, context in (("cpu", torch.autograd.grad_mode.enable_grad()), ("routed", CudaSemantics())):
         counter = SavedTensorCounter([])
         with context, counter.counting():
-            F.layer_norm(x, [8])
+            # Keep both outputs and their graphs alive, as a real forward does until backward: storage keys
+            # are unique only among live storages, and a freed output's address may be reused by the next.
+            outputs = [F.layer_norm(x, [8])]
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                F.softmax(scores, -1)
+                outputs.append(F.softmax(scores, -1))
         counts[label] = counter.total_bytes
+        del outputs
     # input (160 B) + mean and rstd (10 rows each), then the softmax output (80 elements)
     assert counts == {"cpu": 160 + 2 * 10 * 2 + 80 * 2, "routed": 160 + 2 * 10 * 4 + 80 * 4}
 
