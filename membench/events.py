@@ -13,7 +13,9 @@ Events are plain tuples, cheap to append (a 7B step makes about 10^5):
   no string work; :func:`membench.saved_tensors.op_name` names it; ``None`` for tensors
   that existed before tracking: weights, buffers, the batch; :data:`WORKSPACE` for runtime
   memory no tensor owns). ``key`` identifies the storage while it lives; a dead storage's key is
-  reused, so a key means the storage allocated last under it.
+  reused, so a key means the storage allocated last under it. A run that writes a snapshot logs
+  a fifth element, the module path it was made for (:mod:`membench.module_scope`; None outside
+  any module).
 * ``(FREE, key)``: that storage died, or moved off the modelled device (AdamW's host counters).
 * ``(PHASE, name, label)``: a phase starts (``forward``, ``backward``, ``optimizer_step``) in the
   step ``label`` (``warm-up step 1/2``, ``measured step 1/1``, ``optimizer priming``).

@@ -287,8 +287,10 @@ def _op_label(op: object) -> str:
 def annotated_snapshot(history: list[tuple], model: CachingAllocatorModel, trace_at: dict[int, int]) -> dict:
     """``model.snapshot()`` with frames and a category on every alloc (and its frees and block).
 
-    Frames are two pseudo-frames: the ATen op that made the storage, and the step and phase it
-    was made in (the log records no Python stack or module path).
+    Frames are pseudo-frames, innermost first: the ATen op that made the storage and, when the log
+    carries it (runs that write a snapshot do), the module path it was made for
+    (:mod:`membench.module_scope`), then the step and phase it was made in. The viewer shows each
+    as ``name (filename:line)``; there is no Python stack or line number to give.
     """
     snapshot = model.snapshot()
     trace = snapshot["device_traces"][0]
@@ -301,7 +303,8 @@ def annotated_snapshot(history: list[tuple], model: CachingAllocatorModel, trace
             continue
         if event[0] != ALLOC or index not in trace_at:
             continue
-        frames = [{"filename": "aten", "line": 0, "name": _op_label(event[3])},
+        module = event[4] if len(event) > 4 else None
+        frames = [{"filename": module or "(no module)", "line": 0, "name": _op_label(event[3])},
                   {"filename": label, "line": 0, "name": phase}]
         category = categories.get(index, "temporary")
         position = trace_at[index]

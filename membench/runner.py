@@ -13,7 +13,7 @@ import dataclasses
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,19 @@ from membench.plan import Plan, plan
 from membench.results import Result, Status, provenance
 from membench.step import MeasuredLoop, Metrics, Progress
 from membench.workload import make_batch
+
+
+@contextlib.contextmanager
+def _module_paths(tracker) -> Iterator[None]:
+    """Log the module path of each allocation (:mod:`membench.module_scope`) while the block runs."""
+    from membench.module_scope import ModuleScope
+
+    with ModuleScope().active() as scope:
+        tracker.module_of = scope.current
+        try:
+            yield
+        finally:
+            tracker.module_of = None
 
 
 def snapshot_path(run: RunConfig, the_run_id: str) -> Path:
@@ -111,8 +124,10 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     events = tracker.record() if tracker is not None else None
     reserved_env: dict = {}
     # The snapshot is written when the block ends, also on an OOM: the moment it is most useful.
-    recording = (backend.memory_snapshot(snapshot_path(run, the_run_id))
-                 if run.backend.memory_snapshot and events is None else contextlib.nullcontext())
+    # A tracked backend's snapshot frames name each allocation's module (the log carries it).
+    recording = contextlib.nullcontext()
+    if run.backend.memory_snapshot:
+        recording = backend.memory_snapshot(snapshot_path(run, the_run_id)) if events is None else _module_paths(tracker)
     try:
         with recording:
             metrics = _measure(the_plan, backend, progress)

@@ -27,13 +27,13 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 9
+    assert len(compat.CHECKS) == 10
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
     monkeypatch.setattr(F, "dropout", lambda x: x)
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda ids, extra: None)
-    with pytest.raises(CompatError, match="2 of 9 patch targets changed") as caught:
+    with pytest.raises(CompatError, match="2 of 10 patch targets changed") as caught:
         compat.check_all()
     assert "route_dropout_and_sdpa_like_cuda: torch" in str(caught.value)
     assert "no_packed_sequences: transformers" in str(caught.value)
@@ -430,3 +430,26 @@ def test_history_refuses_a_changed_api(monkeypatch, name, replacement, fragment)
     with pytest.raises(CompatError, match=loud("torch", TORCH, fragment, need="allocator's history")):
         with compat.record_cuda_memory_history(5):
             pass
+
+
+# --- checked_autograd_node_functions -----------------------------------------------------------------------
+
+def test_autograd_node_functions_number_nodes_and_name_the_running_one():
+    next_number, running = compat.checked_autograd_node_functions()
+    first = next_number()
+    x = torch.ones(2, requires_grad=True)
+    y = (x * 2).sum()
+    assert first <= y.grad_fn._sequence_nr() < next_number()
+    assert running() is None  # outside backward
+    seen = []
+    x.register_hook(lambda grad: seen.append(running()))
+    y.backward()
+    assert seen and seen[0] is not None
+
+
+@pytest.mark.parametrize("missing", ["_current_autograd_node", "_get_sequence_nr"])
+def test_autograd_node_functions_fail_loudly_when_gone(monkeypatch, missing):
+    owner = torch._C if missing == "_current_autograd_node" else torch._C._autograd
+    monkeypatch.delattr(owner, missing)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, missing)):
+        compat.checked_autograd_node_functions()

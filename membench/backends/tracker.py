@@ -51,6 +51,8 @@ class AllocationTracker(TorchDispatchMode):
         self.peak = 0
         self.events: Optional[list[tuple]] = None
         self._constants = 0  # keys of workspace allocations: negative, never a storage's
+        #: While recording, names the module of each allocation (``ModuleScope.current``); None: not logged.
+        self.module_of: Optional[Callable[[], Optional[str]]] = None
 
     def record(self) -> list[tuple]:
         """Start logging every allocation, free and phase mark (:mod:`membench.events`); returns the log.
@@ -85,7 +87,10 @@ class AllocationTracker(TorchDispatchMode):
         if func is not None:
             self._origin[key] = func
         if self.events is not None:
-            self.events.append((ALLOC, key, nbytes, func))
+            if self.module_of is None:
+                self.events.append((ALLOC, key, nbytes, func))
+            else:
+                self.events.append((ALLOC, key, nbytes, func, self.module_of()))
         self.allocated += size
         if self.allocated > self.peak:
             self.peak = self.allocated

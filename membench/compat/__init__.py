@@ -25,7 +25,8 @@ One module per upstream package and concern; patches for other packages
   :func:`layer_norm_backward` are the LayerNorm kernels the emulation calls.
 * ``torch_memory``: :func:`storage_id` and :func:`when_storage_freed` (storage
   identity and lifetime), :func:`op_returns_alias` (an op's schema),
-  :func:`global_module_forward_hooks`, :func:`adamw_host_step_counters`,
+  :func:`global_module_forward_hooks`, :func:`checked_autograd_node_functions`
+  (which autograd node backward is running), :func:`adamw_host_step_counters`,
   :func:`record_cuda_memory_history` (the allocator's private history API), and
   ``FakeTensorMode``, ``TorchDispatchMode``, ``OpOverload``: classes torch
   documents only under private module paths.
@@ -56,6 +57,7 @@ from membench.compat.torch_memory import (
     check_adamw_step_counters,
     check_op_schema,
     check_storage_identity,
+    checked_autograd_node_functions,
     checked_cuda_history_functions,
     checked_module_hook_registrars,
     global_module_forward_hooks,
@@ -88,6 +90,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "adamw_host_step_counters": check_adamw_step_counters,
     "enable_activation_checkpointing": check_activation_checkpointing,
     "record_cuda_memory_history": checked_cuda_history_functions,
+    "checked_autograd_node_functions": checked_autograd_node_functions,
 }
 
 
@@ -106,7 +109,7 @@ def check_all() -> list[str]:
 
 __all__ = [
     "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
-    "check_all", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
+    "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",

@@ -191,3 +191,26 @@ def record_cuda_memory_history(max_entries: int) -> Iterator[Callable[[str], Non
         yield dump
     finally:
         record(enabled=None)
+
+
+# --- autograd nodes: which module's forward made the node backward is running (membench.module_scope) --------
+
+_NODE_NEED = "to name the module whose forward made the autograd node that a backward allocation belongs to"
+
+
+def checked_autograd_node_functions() -> tuple[Callable[[], int], Callable[[], Any]]:
+    """``torch._C._autograd._get_sequence_nr`` and ``torch._C._current_autograd_node``, checked.
+
+    The first gives the sequence number the next autograd node of this thread will get (nodes are
+    numbered in creation order); the second, inside backward, the node the engine is running (None
+    outside backward). Both are private; :class:`torch.autograd.graph.Node` itself is public
+    (``metadata``, ``next_functions``), and so is its ``_sequence_nr()`` method in its documentation.
+    """
+    next_number = getattr(getattr(torch._C, "_autograd", None), "_get_sequence_nr", None)
+    current = getattr(torch._C, "_current_autograd_node", None)
+    if not callable(next_number) or not callable(current):
+        missing = "torch._C._autograd._get_sequence_nr" if not callable(next_number) else "torch._C._current_autograd_node"
+        raise incompatible("torch", f"has no {missing}", _NODE_NEED)
+    if not hasattr(torch.autograd.graph.Node, "_sequence_nr") or not hasattr(torch.autograd.graph.Node, "metadata"):
+        raise incompatible("torch", "has no Node._sequence_nr() or Node.metadata", _NODE_NEED)
+    return next_number, current
