@@ -125,3 +125,15 @@ def test_runs_in_one_process_share_the_workspaces_and_release_their_segments():
     # In address order (oldest first): the first run's weight segment was released, its workspace kept.
     assert first.segment_sizes == [30 * MiB, 32 * MiB, 50 * MiB]
     assert second.segment_sizes == [32 * MiB, 30 * MiB, 50 * MiB]
+
+
+@pytest.mark.slow
+def test_reserved_memory_matches_the_h100_in_the_process_it_was_measured_in():
+    """The three H100 reserved figures, runs replayed in one modelled process: within 0.5%, nothing fitted."""
+    from membench.reserved_reference import predict, reference_rows
+
+    rows = predict(reference_rows())
+    assert [row["case"] for row in rows] == [row["case"] for row in reference_rows()]
+    for row in rows:
+        assert row["predicted_peak_reserved_bytes"] >= row["predicted_peak_allocated_bytes"]
+        assert abs(row["error"]) < 0.005, row

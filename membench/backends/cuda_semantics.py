@@ -50,6 +50,7 @@ import torch
 
 from membench import compat
 from membench.attention import sdpa_kernel
+from membench.backends import attention_scratch
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -150,19 +151,48 @@ class _FusedAttentionSavings(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, attn_mask, output, logsumexp = ctx.saved_tensors
-        grad_query, grad_key, grad_value = compat.cpu_flash_attention_backward(
-            grad_output, query, key, value, output, logsumexp, ctx.is_causal, attn_mask, ctx.scale)
-        grad_mask = None
-        if ctx.needs_input_grad[3]:
-            scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(query.shape[-1])
-            # dS = P * (dP - rowsum(dO * O)), with P = exp(QK^T * scale + bias - logsumexp).
-            probabilities = (query @ key.transpose(-2, -1)).mul_(scale).add_(attn_mask)
-            probabilities.sub_(logsumexp.unsqueeze(-1).to(probabilities.dtype)).exp_()
-            grad_scores = grad_output @ value.transpose(-2, -1)
-            grad_scores.sub_((grad_output * output).sum(-1, keepdim=True)).mul_(probabilities)
-            del probabilities
-            grad_mask = grad_scores.sum_to_size(attn_mask.shape)
+        with attention_scratch.gradient_copy(grad_output):
+            grad_query, grad_key, grad_value = compat.cpu_flash_attention_backward(
+                grad_output, query, key, value, output, logsumexp, ctx.is_causal, attn_mask, ctx.scale)
+            grad_mask = _bias_gradient(ctx, grad_output, query, key, value, attn_mask, output, logsumexp)
+            attention_scratch.efficient_backward_scratch(query, key, value)
         return grad_query, grad_key, grad_value, grad_mask, None, None
+
+
+def _bias_gradient(ctx, grad_output, query, key, value, attn_mask, output, logsumexp):
+    """The efficient kernel's gradient of its additive bias (None when the bias needs none)."""
+    grad_mask = None
+    if ctx.needs_input_grad[3]:
+        scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        # dS = P * (dP - rowsum(dO * O)), with P = exp(QK^T * scale + bias - logsumexp).
+        probabilities = (query @ key.transpose(-2, -1)).mul_(scale).add_(attn_mask)
+        probabilities.sub_(logsumexp.unsqueeze(-1).to(probabilities.dtype)).exp_()
+        grad_scores = grad_output @ value.transpose(-2, -1)
+        grad_scores.sub_((grad_output * output).sum(-1, keepdim=True)).mul_(probabilities)
+        del probabilities
+        grad_mask = grad_scores.sum_to_size(attn_mask.shape)
+    return grad_mask
+
+
+class _FlashAttention(torch.autograd.Function):
+    """CUDA's flash kernel on CPU tensors: the CPU flash kernel, which saves what flash saves (q, k, v,
+    output, log-sum-exp), and in backward the scratch ``mha_bwd`` allocates (:mod:`attention_scratch`)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, is_causal, scale):
+        output, logsumexp = compat.cpu_flash_attention(query, key, value, is_causal, None, scale)
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, logsumexp = ctx.saved_tensors
+        with attention_scratch.gradient_copy(grad_output):
+            grads = compat.cpu_flash_attention_backward(
+                grad_output, query, key, value, output, logsumexp, ctx.is_causal, None, ctx.scale)
+            attention_scratch.flash_backward_scratch(query, key)
+        return *grads, None, None
 
 
 def _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -173,10 +203,9 @@ def _attention_as_on_cuda(query, key, value, attn_mask, dropout_p, is_causal, sc
     attn_mask = _additive(attn_mask, query.dtype)
     if kernel == "efficient" or (attn_mask is not None and attn_mask.requires_grad):
         return _FusedAttentionSavings.apply(query, key, value, attn_mask, is_causal, scale)
-    # flash and efficient keep output + logsumexp (and their inputs); the CPU flash kernel does
-    # the same, and like CUDA's flash it takes fewer key/value heads as they are.
-    output, _logsumexp = compat.cpu_flash_attention(query, key, value, is_causal, attn_mask, scale)
-    return output
+    # flash keeps output + logsumexp (and its inputs); the CPU flash kernel does the same, and like
+    # CUDA's flash it takes fewer key/value heads as they are. Flash takes no mask.
+    return _FlashAttention.apply(query, key, value, is_causal, scale)
 
 
 def _under_autocast(query, key, value, attn_mask):
