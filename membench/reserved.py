@@ -27,10 +27,11 @@ The process history replayed (:func:`process_history`), and what it assumes:
    (``aten/src/ATen/cuda/CublasHandlePool.cpp``, ``getCurrentCUDABlasHandle`` -> workspace from
    ``c10::cuda::CUDACachingAllocator``). The first is placed where the first step's forward starts
    (the Python thread's first matmul), the second where its backward starts (the autograd thread's).
-   Not modelled, so not in the prediction: FlashAttention backward's fp32 ``dq_accum`` and
-   ``softmax_d``, memory-efficient attention's backward workspace, reduction/sort scratch and
-   cuBLASLt workspaces (``../shared``-documented; each is freed within its kernel's op, so it moves
-   the peak only where it opens a new segment).
+   The fused attention backward's scratch (flash's fp32 ``dq_accum`` and ``softmax_d``, the
+   efficient kernel's ``delta`` and workspace) is in the log as ordinary allocations: the CUDA
+   emulation makes them (:mod:`membench.backends.attention_scratch`). Not modelled, so not in the
+   prediction: reduction/sort scratch and cuBLASLt workspaces (each freed within its kernel's op,
+   so it moves the peak only where it opens a new segment).
 4. **Measured steps** as recorded; the reserved peak is reset where the first measured step starts,
    as the ``cuda`` backend resets the allocator's peak statistics at each phase.
 
