@@ -68,6 +68,34 @@ def test_trace_equals_direct_simulation(model, method, extra):
         assert_same(evaluate(trace, run), measure(run))
 
 
+DECODERS = [("qwen2", "lora", "bf16"), ("qwen3", "lora_fa_recompute", "bf16-autocast"), ("mistral", "full", "fp32"),
+            ("phi3", "lora", "bf16"), ("gpt2", "lora_fa", "bf16")]
+
+
+@pytest.mark.parametrize(("family", "method", "precision"), DECODERS, ids=[d[0] for d in DECODERS])
+def test_trace_covers_current_decoders(family, method, precision, tmp_path):
+    """The tiny variants of tests/test_families.py (grouped-query attention, all-linear targets, GPT-2's Conv1D)."""
+    import json
+
+    from test_families import FAMILIES
+
+    task, values = FAMILIES[family]
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(values))
+
+    def run(batch: int, seq: int):
+        rank = [] if method == "full" else ["method.rank=2"]
+        return run_config("model=custom", f"model.config_path={path}", f"model.task={task}", f"method={method}",
+                          "backend.name=simulate", f"train.precision={precision}", f"workload.batch_size={batch}",
+                          f"workload.seq_len={seq}", *rank)
+
+    trace = record_trace(run(4, 16))
+    assert trace.validity["S"] == (2, 1 << 20)
+    for batch, seq in [(2, 5), (3, 33), (7, 57)]:  # the tiny configs hold 64 positions
+        assert covered(run(batch, seq)) is None
+        assert_same(evaluate(trace, run(batch, seq)), measure(run(batch, seq)))
+
+
 def test_trace_is_general_whatever_the_hints():
     a = record_trace(sized("tiny-llama", "lora_fa", 2, 5))
     b = record_trace(sized("tiny-llama", "lora_fa", 9, 40))
