@@ -120,7 +120,12 @@ def test_size_one_and_other_backends_go_direct(capsys, tmp_path):
 def test_cache_key_changes_with_everything_but_the_sizes():
     base = sized("tiny-t5", "lora", 2, 16)
     same = [sized("tiny-t5", "lora", 7, 77), sized("tiny-t5", "lora", 3, 5, "workload.target_len=9"),
-            sized("tiny-t5", "lora", 2, 16, "results_dir=elsewhere", "force=true", "backend.trace=off")]
+            sized("tiny-t5", "lora", 2, 16, "results_dir=elsewhere", "force=true", "backend.trace=off"),
+            # cards with the H100's cuBLAS workspaces (compute capability 9.x and newer), allocator settings
+            sized("tiny-t5", "lora", 2, 16, "backend.device=h200-141gb"),
+            sized("tiny-t5", "lora", 2, 16, "backend.device=b200-180gb", "backend.alloc_conf=expandable_segments:True"),
+            sized("tiny-t5", "lora", 2, 16, "backend.device=custom", "backend.device_memory_gib=12",
+                  "backend.compute_capability=9.0")]
     assert {trace_key(run) for run in same} == {trace_key(base)}
     changed = ["model=tiny-llama", "method=full", "method.rank=4", "method.lora_dropout=0.1",
                "method.gradient_checkpointing=true", "train.precision=bf16", "train.optimizer_impl=fused",
@@ -132,6 +137,19 @@ def test_cache_key_changes_with_everything_but_the_sizes():
                          "workload.seq_len=16", override)
         keys.add(trace_key(run))
     assert len(keys) == len(changed) + 1
+
+
+@pytest.mark.parametrize("other", [["backend.device=h200-141gb"], ["backend.device=custom", "backend.device_memory_gib=0.5",
+                                                                  "backend.compute_capability=9.0"],
+                                   ["backend.alloc_conf=expandable_segments:True"]], ids=["h200", "tiny-card", "expandable"])
+def test_one_trace_answers_every_card_with_the_same_workspaces(other):
+    """Recorded on the H100 profile, evaluated for another card or allocator setting: equal to direct there
+    (capacity, OOM verdict, device name and reserved memory are the run's own)."""
+    trace = record_trace(sized("tiny-llama", "lora", 4, 16))
+    run = sized("tiny-llama", "lora", 3, 33, *other)
+    evaluated = evaluate(trace, run)
+    assert_same(evaluated, measure(run))
+    assert evaluated.status.state == ("oom" if "backend.device_memory_gib=0.5" in other else "ok")  # the CUDA context
 
 
 def test_cache_records_once_and_survives_a_corrupt_file(tmp_path, monkeypatch, capsys):

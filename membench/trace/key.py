@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from membench.config import RunConfig
+from membench.devices import device_profile
 from membench.identity import recorded_config
 
 #: Bump when the layout of :class:`membench.trace.record.Trace` or what it means changes.
@@ -18,6 +19,11 @@ TRACE_FORMAT_VERSION = 1
 SYMBOLIC_FIELDS = ("batch_size", "seq_len", "target_len")
 #: Backend knobs that say how a result is computed, not what it is.
 HOW_NOT_WHAT = ("trace",)
+#: Backend knobs a simulated step's allocation log does not depend on, except through the cuBLAS
+#: workspaces (hashed instead, as bytes): the card's capacity decides only the OOM verdict, and the
+#: allocator settings only the reserved-memory replay, both made per run when a trace is evaluated.
+#: So one trace answers every card with the same workspaces (compute capability 9.x and newer; older).
+DEVICE_FIELDS = ("device", "device_memory_gib", "compute_capability", "alloc_conf")
 #: The parts of membench whose code decides what a simulated step allocates (hashed into the key).
 _SIMULATION_CODE = ("*.py", "backends/*.py", "compat/*.py", "trace/*.py")
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -50,11 +56,11 @@ def key_fields(run: RunConfig) -> dict:
     config = recorded_config(run, "simulate")
     for name in SYMBOLIC_FIELDS:
         config["workload"].pop(name, None)
-    for name in HOW_NOT_WHAT:
+    for name in HOW_NOT_WHAT + DEVICE_FIELDS:
         config["backend"].pop(name, None)
     return {"config": config, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "trace_format": TRACE_FORMAT_VERSION, "membench_code": code_digest(),
-            "fake_device": fake_device(run)}
+            "fake_device": fake_device(run), "workspace_bytes": device_profile(run.backend).runtime_overhead_bytes}
 
 
 def trace_key(run: RunConfig) -> str:
