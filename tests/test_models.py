@@ -115,7 +115,12 @@ def test_task_override_and_a_task_without_head(tmp_path):
 
 
 def test_hub_bad_input(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: without this an already imported hub would try
+    # the network (and back off for 20 s where there is none)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(ConfigError, match="model.id='nobody/no-such-model'.*cannot be fetched.*HF_HUB_OFFLINE"):
         plan(run_config("model=hub", "model.id=nobody/no-such-model", "method=lora"))
