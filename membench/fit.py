@@ -5,10 +5,11 @@
 
 For each method of ``fit.methods`` and each GPU profile of ``fit.devices`` (default: every profile
 in :data:`membench.devices.DEVICES`), the largest batch size at ``workload.seq_len`` and the largest
-sequence length at ``workload.batch_size``. It is :func:`membench.maxfit.maxfit_rows` (the same
-search, evaluated from each method's trace, ``backend.trace=auto``) with one budget per profile:
-the card's capacity less its CUDA context (``total_memory_bytes - cuda_context_bytes``), which
-``max_memory_allocated`` may reach. ``fit.confirm`` (default ``once``) simulates one answer
+sequence length at ``workload.batch_size`` (``fit.dimensions``). It is :func:`membench.maxfit.maxfit_rows`
+(the same search, evaluated from each method's trace, ``backend.trace=auto``) with one budget per
+profile: the card's capacity less its CUDA context (``total_memory_bytes - cuda_context_bytes``),
+which peak reserved memory (``fit.by=reserved``, the default, as membench-maxfit's) or
+``max_memory_allocated`` (``fit.by=allocated``) may reach. ``fit.confirm`` (default ``once``) simulates one answer
 directly at n and n + 1. Writes ``fit--<model>--<precision>--<hash>.json``, ``.csv`` and ``.md`` to
 ``fit.output`` (``results/fit``); ``membench-report`` includes the markdown as ``fit.md``.
 """
@@ -39,7 +40,7 @@ from membench.maxfit.text import budget_label
 
 SCHEMA_VERSION = 1
 KIND = "membench-fit"
-COLUMNS = ["model", "method", "rank", "precision", "device", "device_name", "budget_bytes",
+COLUMNS = ["model", "method", "rank", "precision", "device", "device_name", "budget_bytes", "by",
            "seq_len", "max_batch_size", "batch_limited_by", "peak_bytes_at_max_batch_size",
            "batch_size", "max_seq_len", "seq_limited_by", "peak_bytes_at_max_seq_len",
            "trace", "confirmed", "error"]
@@ -55,9 +56,18 @@ class FitConfig:
     confirm: str = "once"
     search_cap: int = 65536
     output: str = "results/fit"
+    by: str = "reserved"
+    dimensions: list[str] = field(default_factory=lambda: list(DIMENSIONS))
 
     def __post_init__(self) -> None:
+        from membench.maxfit.probe import BY
+
         check_choice("fit.confirm", self.confirm, CONFIRM)
+        check_choice("fit.by", self.by, BY)
+        if not self.dimensions:
+            raise ConfigError(f"fit.dimensions=[] names nothing to search; choose from: {', '.join(DIMENSIONS)}")
+        for name in self.dimensions:
+            check_choice("fit.dimensions entry", name, DIMENSIONS)
         check_positive("fit.search_cap", self.search_cap)
         if not self.methods:
             raise ConfigError("fit.methods=[] names no method; e.g. [full, lora, lora_fa, lora_recompute]")
@@ -93,13 +103,18 @@ def register_fit_configs() -> None:
 
 
 def device_budget(profile: DeviceProfile) -> int:
-    """What ``max_memory_allocated`` may reach on ``profile``: its capacity less the CUDA context."""
+    """What the searched figure may reach on ``profile``: its capacity less the CUDA context."""
     return profile.total_memory_bytes - profile.cuda_context_bytes
 
 
 def fit_rows(runs: Sequence[RunConfig], devices: Sequence[str], *, confirm: str = "once", search_cap: int = 65536,
-             log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
-    """One row per method (``runs``) x device: the largest batch and the largest sequence that fit."""
+             log: Optional[Callable[[str], None]] = None, by: str = "allocated",
+             dimensions: Sequence[str] = DIMENSIONS) -> list[dict[str, Any]]:
+    """One row per method (``runs``) x device: the largest batch and the largest sequence that fit.
+
+    ``by``: the figure that must stay within the budget (``reserved``, falling back to allocated where a
+    result has none, or ``allocated``); ``dimensions``: which searches to run (a skipped one's cells are None).
+    """
     from membench.maxfit import maxfit_rows
     from membench.plan import plan
 
@@ -112,16 +127,17 @@ def fit_rows(runs: Sequence[RunConfig], devices: Sequence[str], *, confirm: str 
     rows, confirmed = [], False
     for key, device_runs in per_device.items():
         profile = DEVICES[key]
-        found = maxfit_rows(device_runs, list(DIMENSIONS), [device_budget(profile)], search_cap=search_cap,
-                            confirm="off" if confirm == "once" and confirmed else confirm)
+        found = maxfit_rows(device_runs, list(dimensions), [device_budget(profile)], search_cap=search_cap,
+                            confirm="off" if confirm == "once" and confirmed else confirm, by=by)
         confirmed = confirmed or any(row["confirmed"] for row in found)
+        skipped = dict.fromkeys(("max_fit", "limited_by", "peak_bytes_at_max_fit", "trace", "confirmed", "error"))
         for run in device_runs:
             mine = {row["dimension"]: row for row in found if row["method"] == run.method.name}
-            batch, seq = mine["batch_size"], mine["seq_len"]
+            batch, seq = mine.get("batch_size", skipped), mine.get("seq_len", skipped)
             rows.append({
                 "model": run.model.name, "method": run.method.name, "rank": run.method.rank,
                 "precision": run.train.precision, "device": key, "device_name": profile.name,
-                "budget_bytes": device_budget(profile),
+                "budget_bytes": device_budget(profile), "by": by,
                 "seq_len": run.workload.seq_len, "max_batch_size": batch["max_fit"],
                 "batch_limited_by": batch["limited_by"], "peak_bytes_at_max_batch_size": batch["peak_bytes_at_max_fit"],
                 "batch_size": run.workload.batch_size, "max_seq_len": seq["max_fit"],
@@ -139,12 +155,18 @@ def fit_rows(runs: Sequence[RunConfig], devices: Sequence[str], *, confirm: str 
 def _cell(row: dict[str, Any], which: str) -> str:
     value = row["max_batch_size" if which == "batch" else "max_seq_len"]
     limited_by = row[f"{which}_limited_by"]
+    if limited_by is None and value is None:
+        return "—"  # not searched (fit.dimensions)
     if limited_by == "error":
         return "error"
     if value is None:
         return "none"
     return {"memory": str(value), "model_max_length": f"{value} (model max)",
             "search_cap": f"≥{value} (cap)"}.get(limited_by, str(value))
+
+
+FIGURE = {"reserved": "peak reserved memory (the caching allocator's segments: what runs out)",
+          "allocated": "`max_memory_allocated`"}
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -154,8 +176,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     first = rows[0]
     lines = [f"## {first['model']} ({first['precision']}): what fits\n",
              "Largest batch at the sequence length shown and largest sequence length at the batch shown whose "
-             "simulated `max_memory_allocated` stays within the GPU's capacity less its CUDA context "
-             "(membench-fit; from symbolic traces).\n",
+             f"simulated {FIGURE[first.get('by', 'allocated')]} stays within the GPU's capacity less its CUDA "
+             "context (membench-fit; from symbolic traces).\n",
              "| method | rank | GPU | budget | max batch | at seq | max seq | at batch |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -214,8 +236,10 @@ def run_fit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[..., Di
     print(f"membench-fit: {runs[0].model.name} ({runs[0].train.precision}), methods "
           f"{', '.join(r.method.name for r in runs)}; GPUs {', '.join(devices)}", file=out, flush=True)
     rows = fit_rows(runs, devices, confirm=settings.confirm, search_cap=settings.search_cap,
-                    log=lambda line: print(line, file=out, flush=True))
-    recorded = {"runs": [dataclasses.asdict(r) for r in runs], "devices": devices, "search_cap": settings.search_cap}
+                    log=lambda line: print(line, file=out, flush=True), by=settings.by,
+                    dimensions=settings.dimensions)
+    recorded = {"runs": [dataclasses.asdict(r) for r in runs], "devices": devices, "search_cap": settings.search_cap,
+                "by": settings.by, "dimensions": list(settings.dimensions)}
     for run in recorded["runs"]:
         run.pop("results_dir")
         run.pop("force")

@@ -71,3 +71,22 @@ def test_cpu_runs_never_use_a_trace(monkeypatch, tmp_path):
     run_one(compose_config(["model=tiny-llama", "backend.name=cpu", "workload.batch_size=2", "workload.seq_len=16",
                             f"results_dir={tmp_path}"]))
     assert stand_in.evaluated == 0
+
+
+def test_fit_by_reserved_answers_at_most_by_allocated_and_skips_a_dimension(tmp_path):
+    common = ("model=tiny-llama", "workload.batch_size=2", "workload.seq_len=16", "fit.devices=[gpu-24gb]",
+              "fit.methods=[lora_fa]", "fit.search_cap=64", "fit.dimensions=[batch_size]", "fit.confirm=off",
+              f"fit.output={tmp_path / 'fit'}")
+    by_reserved, paths = run_app(*common, "fit.by=reserved")
+    by_allocated, _ = run_app(*common, "fit.by=allocated")
+    assert by_reserved[0]["by"] == "reserved" and by_allocated[0]["by"] == "allocated"
+    assert by_reserved[0]["max_seq_len"] is None and by_reserved[0]["seq_limited_by"] is None  # not searched
+    assert by_reserved[0]["max_batch_size"] <= by_allocated[0]["max_batch_size"]
+    assert "peak reserved memory" in paths[2].read_text() and "| — |" in paths[2].read_text()
+
+
+def test_fit_rejects_an_unknown_criterion_or_dimension():
+    with pytest.raises(ConfigError, match="fit.by='peak' is not supported"):
+        run_app("model=tiny-llama", "fit.by=peak")
+    with pytest.raises(ConfigError, match="'layers' is not supported"):
+        run_app("model=tiny-llama", "fit.dimensions=[layers]")
