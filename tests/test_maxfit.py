@@ -86,6 +86,24 @@ def test_simulated_oom_against_the_profile_does_not_decide_the_budget():
     assert maxfit.Probe(2, "oom", 10, "cuda", "gpu").fits(1 << 40) is False  # a real OOM never fits
 
 
+def test_by_reserved_a_modelled_allocator_oom_never_fits():
+    """The reserved replay stops where the modelled cudaMalloc fails: its peak is a lower bound, not the need."""
+    assert maxfit.Probe(2, "oom", 10, "simulate", "card", complete=False).fits(1 << 40) is False
+    # a card of 1 GiB (0.5 GiB usable past the CUDA context), searched up to 4096: the answer is the card's
+    run = run_config("model=tiny-llama", "method=lora", "method.rank=4", "backend.name=simulate",
+                     "backend.device=custom", "backend.device_memory_gib=1", "workload.batch_size=2",
+                     "workload.seq_len=128")
+    budget = (1 << 30) - (512 << 20)
+    (reserved,) = maxfit.maxfit_rows([run], ["batch_size"], [budget], search_cap=4096, confirm="off", by="reserved")
+    (allocated,) = maxfit.maxfit_rows([run], ["batch_size"], [budget], search_cap=4096, confirm="off",
+                                      by="allocated")
+    assert reserved["limited_by"] == "memory" and reserved["max_fit"] < 4096
+    assert reserved["max_fit"] <= allocated["max_fit"]
+    prober = maxfit.Prober(maxfit.plan(run), by="reserved")
+    assert prober("batch_size", reserved["max_fit"]).fits(budget)
+    assert not prober("batch_size", reserved["max_fit"] + 1).fits(budget)
+
+
 def test_an_error_probe_is_reported_not_raised(monkeypatch):
     real_execute = maxfit.execute
 

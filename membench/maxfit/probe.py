@@ -47,17 +47,21 @@ class Probe:
     device: Optional[str]
     message: Optional[str] = None
     trace: Optional[str] = None  # the trace it was evaluated from (env["trace"]); None: simulated directly
+    complete: bool = True  # False: peak_bytes is only what was reached when the (modelled) allocator ran out
 
     def fits(self, budget: int) -> Optional[bool]:
         """Whether the step fits ``budget``; None for an error.
 
-        A simulated ``oom`` is against the simulated card's capacity, not the budget, and
-        its predicted peak is complete, so only the peak decides. A real OOM does not fit
-        (its peak is only what was reached before the allocation failed).
+        A simulated ``oom`` is against the simulated card's capacity, not the budget, and its
+        predicted allocated peak is complete, so only the peak decides. Its reserved peak is not:
+        the modelled allocator stops where ``cudaMalloc`` fails, so the step needs more than the
+        card's usable memory, and it counts as not fitting (for a budget above the card, that is
+        the card's verdict: simulate a bigger ``backend.device`` to search past it). A real OOM does
+        not fit (its peak is only what was reached before the allocation failed).
         """
         if self.state == "error" or self.peak_bytes is None:
             return None
-        if self.state == "oom" and self.backend != "simulate":
+        if self.state == "oom" and (self.backend != "simulate" or not self.complete):
             return False
         return self.peak_bytes <= budget
 
@@ -120,9 +124,11 @@ class Prober:
             result: Result = self._result(run)
         except ConfigError as error:  # e.g. a length the model cannot take: a failed probe, not a crash
             return Probe(value, "error", None, run.backend.name, None, str(error))
+        reserved = self.by == "reserved" and result.metrics.get("peak_reserved_bytes") is not None
         return Probe(value, result.status.state, peak_of(result.metrics, self.by),
                      result.env.get("backend", run.backend.name), result.env.get("device_name"),
-                     result.status.message, result.env.get("trace"))
+                     result.status.message, result.env.get("trace"),
+                     complete=not (reserved and result.status.state == "oom"))
 
     def _result(self, run: RunConfig) -> Result:
         traces = tracing.engine() if self.via_trace else None

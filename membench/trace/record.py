@@ -24,7 +24,7 @@ import sympy
 
 import membench.step
 from membench.config import RunConfig
-from membench.devices import DEVICES
+from membench.devices import device_profile
 from membench.events import ALLOC, FREE, PHASE, WORKSPACE
 from membench.plan import plan
 from membench.runner import _measure, warmup
@@ -140,7 +140,7 @@ def record_trace(run: RunConfig) -> Trace:
     the_plan = plan(run)
     hints = workload_dims(run)
     config = run.backend
-    backend = SymbolicBackend(DEVICES[config.device], config.cuda_semantics, config.fake_device, hints,
+    backend = SymbolicBackend(device_profile(config), config.cuda_semantics, config.fake_device, hints,
                               seq2seq=run.model.task == "seq2seq_lm")
     events = backend.tracker.record()
     counters: list[SymbolicSavedCounter] = []
