@@ -108,7 +108,7 @@ def device_budget(profile: DeviceProfile) -> int:
 
 
 def fit_rows(runs: Sequence[RunConfig], devices: Sequence[str], *, confirm: str = "once", search_cap: int = 65536,
-             log: Optional[Callable[[str], None]] = None, by: str = "allocated",
+             log: Optional[Callable[[str], None]] = None, by: str = "reserved",
              dimensions: Sequence[str] = DIMENSIONS) -> list[dict[str, Any]]:
     """One row per method (``runs``) x device: the largest batch and the largest sequence that fit.
 

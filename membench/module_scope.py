@@ -59,7 +59,9 @@ class ModuleScope:
         self._names: dict[int, str] = {}  # id(module) -> its path in the outermost module called
 
     def _path(self, module: nn.Module) -> str:
-        if not self._stack:  # the outermost module called: paths are its named_modules()
+        if not self._stack and id(module) not in self._names:
+            # the outermost module called: paths are its named_modules(). A checkpointed block's
+            # recompute (inside backward, the stack empty) keeps the names of the model around it.
             self._names = {id(child): name for name, child in module.named_modules()}
         name = self._names.get(id(module))
         if name is not None:
@@ -101,6 +103,8 @@ class ModuleScope:
 
     @contextlib.contextmanager
     def active(self) -> Iterator["ModuleScope"]:
-        with global_module_forward_hooks(self._enter, self._leave):
-            yield self
-        self._stack.clear()
+        try:
+            with global_module_forward_hooks(self._enter, self._leave):
+                yield self
+        finally:
+            self._stack.clear()

@@ -80,3 +80,35 @@ def test_no_grad_forward_tags_nothing():
     with scope.active(), torch.no_grad(), Where(scope) as where:
         net(torch.randn(3, 4))
     assert ops(where.seen, "a") == ["t", "addmm"]
+
+
+def test_recompute_inside_backward_keeps_the_full_paths():
+    """A checkpointed block's forward runs again inside backward with nothing on the stack."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(8, 8), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.lin(x))
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = checkpoint(layer, x, use_reentrant=False)
+            return x
+
+    scope = ModuleScope()
+    with scope.active(), Where(scope) as where:
+        loss = Stack()(torch.randn(3, 8, requires_grad=True)).sum()
+        where.seen.clear()
+        loss.backward()
+    # The recompute stops once it has what backward needs: each block's addmm (GELU's input)
+    assert {module for op, module in where.seen if op == "addmm"} == {"layers.0.lin", "layers.1.lin"}
+    assert {module for op, module in where.seen if op == "gelu_backward"} == {"layers.0.act", "layers.1.act"}

@@ -21,8 +21,13 @@ and fragmentation (``max_memory_reserved`` - allocated), and memory that a card'
 does not deliver (a "24 GB" card reports about 23.6 GiB). For a physical card, give a budget
 with that headroom taken off (e.g. ``maxfit.budgets_gib=[22]``). Simulated probes include the
 cuBLAS workspaces of ``backend.device`` (64 MiB for the H100 profile, ~8 MiB for the generic
-ones); the profile's capacity plays no part (a simulated "oom" status against it is ignored,
-the predicted peak is compared with the budget, since simulation never stops early).
+ones). By allocated memory the profile's capacity plays no part (a simulated "oom" status against
+it is ignored, the predicted peak is compared with the budget, since simulation never stops
+early). By reserved memory (``maxfit.by=reserved``, membench-maxfit's default) it does: the
+modelled allocator stops where ``cudaMalloc`` fails on the simulated card, so a probe that runs out
+of it does not fit, whatever the budget. A budget above the card's usable memory (80 GiB on the
+H100 profile's 79.15) is therefore answered as the card would; simulate a larger
+``backend.device`` (``custom`` with ``backend.device_memory_gib``) to search past it.
 
 **Search.** Every probe is one :func:`membench.runner.execute` in this process (2-13 s for a
 large model under ``simulate``), so the search is model-guided, never a linear scan. Probes

@@ -72,7 +72,7 @@ def _predict(points: dict[int, Probe], budget: int, lo: int, hi: Optional[int], 
     largest fitting points (extrapolation). None when it cannot (too few points, not rising).
     """
     usable = sorted((x, p.peak_bytes) for x, p in points.items()
-                    if p.fits(budget) is not None and (p.state == "ok" or p.backend == "simulate"))
+                    if p.fits(budget) is not None and (p.state == "ok" or p.backend == "simulate") and p.complete)
     below = [pt for pt in usable if pt[0] <= lo][::-1]
     above = [pt for pt in usable if hi is not None and pt[0] >= hi]
     chosen = (_spread(below, degree) + above[:1]) if above else _spread(below, degree + 1)
