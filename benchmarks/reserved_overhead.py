@@ -12,7 +12,6 @@ Medians over ``--repeats`` runs; the first run of the process (imports, Hydra) i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,8 +20,7 @@ from hydra import compose, initialize_config_dir
 
 import membench.reserved
 from membench.cli import CONF_DIR, to_run_config
-from membench.files import write_atomic
-from membench.results import provenance
+from membench.results import write_rows
 from membench.runner import measure
 
 CASES = {
@@ -72,8 +70,7 @@ def main() -> int:
                      "overhead": round(replay / (total - replay), 4), "repeats": args.repeats})
         print(f"{case}: run {total:.2f} s, of which the allocator model {replay:.2f} s "
               f"(+{replay / (total - replay):.0%} over the simulation without it)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps({"rows": rows, "env": {"backend": "simulate", **provenance()}}, indent=2) + "\n")
+    write_rows(args.out, rows, "simulate")
     print(f"written: {args.out}")
     return 0
 

@@ -23,11 +23,17 @@ def allocator_bytes(nbytes: int) -> int:
 
 
 def returned_tensors(out: Any) -> Iterator[torch.Tensor]:
-    """The tensors an ATen op returned: one, a tuple of them, or lists of them (foreach ops)."""
+    """The tensors an ATen op returned: one, a tuple of them, or lists of them (foreach ops).
+
+    Also the values of dicts, as a module's output may be (transformers' ``ModelOutput``); no op returns one.
+    """
     if isinstance(out, torch.Tensor):
         yield out
     elif isinstance(out, (tuple, list)):
         for item in out:
+            yield from returned_tensors(item)
+    elif isinstance(out, dict):
+        for item in out.values():
             yield from returned_tensors(item)
 
 

@@ -55,6 +55,11 @@ class DeviceProfile:
     measured: bool
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES
 
+    @property
+    def usable_bytes(self) -> int:
+        """What PyTorch's allocator may hold: the capacity less the CUDA context."""
+        return self.total_memory_bytes - self.cuda_context_bytes
+
 
 HOPPER_CUBLAS_WORKSPACE = 32 * MiB
 DEFAULT_CUBLAS_WORKSPACE = 4096 * KiB * 2 + 16 * KiB * 8

@@ -8,6 +8,7 @@ the file gets the permissions a plain ``open(path, "w")`` would give it.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 import threading
@@ -112,3 +113,9 @@ def check_writable_dir(path: str | Path, key: str = "results_dir") -> Path:
             except OSError:
                 break  # not created by us after all, or no longer empty
     return directory
+
+
+def read_commented_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file whose lines starting with ``#`` are comments (the reference tables in data/)."""
+    lines = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines))

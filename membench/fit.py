@@ -104,7 +104,7 @@ def register_fit_configs() -> None:
 
 def device_budget(profile: DeviceProfile) -> int:
     """What the searched figure may reach on ``profile``: its capacity less the CUDA context."""
-    return profile.total_memory_bytes - profile.cuda_context_bytes
+    return profile.usable_bytes
 
 
 def fit_rows(runs: Sequence[RunConfig], devices: Sequence[str], *, confirm: str = "once", search_cap: int = 65536,

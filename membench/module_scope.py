@@ -23,26 +23,15 @@ write a snapshot pay it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
+from membench.allocator import returned_tensors
 from membench.compat import checked_autograd_node_functions, global_module_forward_hooks
 
 TAG = "membench.module"  # key in Node.metadata
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Tensors in a module's output (tensors, tuples, lists, dicts and transformers' ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
 
 
 class ModuleScope:
@@ -78,7 +67,7 @@ class ModuleScope:
         if not torch.is_grad_enabled():
             return
         last = self._next_number()
-        pending = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        pending = [t.grad_fn for t in returned_tensors(output) if t.grad_fn is not None]
         seen: set[int] = set()
         while pending:
             node = pending.pop()

@@ -42,7 +42,6 @@ the run). Categories (for snapshots and timelines) come from lifetimes: see :fun
 
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import Optional
 
 from membench.caching_allocator import AllocatorSettings, CachingAllocatorModel, ModelledOutOfMemory
 from membench.events import ALLOC, FREE, PHASE, WORKSPACE
+from membench.files import write_atomic
 
 PRIMING_LABEL = "optimizer priming"
 CATEGORIES = ("parameter", "gradient", "optimizer state", "activation", "temporary", "workspace")
@@ -327,10 +327,7 @@ def annotated_snapshot(history: list[tuple], model: CachingAllocatorModel, trace
 def write_snapshot(snapshot: dict, path: Path) -> None:
     """Pickle ``snapshot`` as ``torch.cuda.memory._dump_snapshot`` does (protocol 4, plain types), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".tmp-{path.name}")
-    with open(partial, "wb") as handle:
-        pickle.dump(snapshot, handle, protocol=4)
-    os.replace(partial, path)
+    write_atomic(path, pickle.dumps(snapshot, protocol=4))
 
 
 def capacity_for(backend: object) -> Optional[int]:
@@ -338,7 +335,7 @@ def capacity_for(backend: object) -> Optional[int]:
     profile = getattr(backend, "profile", None)
     if profile is None:
         return None
-    return profile.total_memory_bytes - profile.cuda_context_bytes
+    return profile.usable_bytes
 
 
 def account(events: list[tuple], warmup_steps: int, alloc_conf: Optional[str], backend: object,

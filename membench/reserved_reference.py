@@ -12,20 +12,17 @@ says how far each prediction is from the measurement. Minutes on a laptop CPU, n
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from membench.files import write_atomic
+from membench.files import check_writable_dir, read_commented_csv
 
 REFERENCE = Path(__file__).parent / "data" / "h100_reserved_reference.csv"
 GIB = 1 << 30
 
 
 def reference_rows() -> list[dict]:
-    lines = [line for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
-    return list(csv.DictReader(lines))
+    return read_commented_csv(REFERENCE)
 
 
 def predict(rows: list[dict]) -> list[dict]:
@@ -64,8 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m membench.reserved_reference", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/calibration/h100_reserved.json"))
     args = parser.parse_args(argv)
-    from membench.files import check_writable_dir
-    from membench.results import provenance
+    from membench.results import write_rows
 
     check_writable_dir(args.out.parent)
     table = predict(reference_rows())
@@ -74,8 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for row in table:
         print(f"| {row['case']} | {row['predicted_peak_reserved_bytes'] / GIB:.2f} | "
               f"{row['h100_peak_reserved_bytes'] / GIB:.2f} | {row['error']:+.2%} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps({"rows": table, "env": {"backend": "simulate", **provenance()}}, indent=2) + "\n")
+    write_rows(args.out, table, "simulate")
     print(f"written: {args.out}")
     return 0
 

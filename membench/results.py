@@ -182,6 +182,15 @@ def source_provenance(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
             "git_dirty": None if dirty is None else bool(dirty)}
 
 
+def write_rows(path: str | Path, rows: list[dict], backend: str) -> Path:
+    """``{"rows": rows, "env": {backend, provenance}}`` as JSON at ``path`` (its folder made if missing):
+    a table of figures that says what produced it (calibrations, benchmarks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"rows": rows, "env": {"backend": backend, **provenance()}}
+    return write_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
 def provenance() -> dict[str, Any]:
     """Package versions and the membench source (version, git state) that produced a result."""
     import peft

@@ -7,7 +7,6 @@ each, no memory. They are the check that CI can run without a GPU.
 from __future__ import annotations
 
 import contextlib
-import csv
 import inspect
 import textwrap
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from conftest import run_config
 import membench
+from membench.files import read_commented_csv
 from membench.runner import measure
 
 GiB = 1 << 30
@@ -49,8 +49,7 @@ EMULATIONS = {"": contextlib.nullcontext, "strided-t5-bias-mask": strided_t5_bia
 
 
 def reference_rows():
-    lines = [line for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
-    for row in csv.DictReader(lines):
+    for row in read_commented_csv(REFERENCE):
         yield pytest.param(row["case"], row["overrides"].split(), row["h100_peak_gib"], row["emulate"],
                            id=row["case"], marks=pytest.mark.slow)
 

@@ -190,12 +190,10 @@ def compare(measured: dict[str, Any], predicted: dict[str, Any]) -> dict[str, di
 
 def reference_peaks() -> dict[str, str]:
     """``case`` -> H100 peak in GiB (or ``oom``) from membench/data/h100_reference.csv."""
-    import csv
-
+    from membench.files import read_commented_csv
     from membench.report.validate import REFERENCE
 
-    lines = [line for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
-    return {row["case"]: row["h100_peak_gib"] for row in csv.DictReader(lines)}
+    return {row["case"]: row["h100_peak_gib"] for row in read_commented_csv(REFERENCE)}
 
 
 def check_summary(check: Check, outcomes: dict[str, Outcome]) -> dict[str, Any]:

@@ -15,12 +15,12 @@ modelled cuBLAS workspaces (``runtime_overhead_bytes``), which a CPU run does no
 
 from __future__ import annotations
 
-import csv
 from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 
+from membench.files import read_commented_csv
 from membench.report.compare import GIB
 from membench.report.load import ADAPTER, SETTING
 
@@ -72,10 +72,9 @@ def _reference_ids() -> tuple[tuple[str, str, str, str], ...]:
     from membench.cli import CONF_DIR, to_run_config
     from membench.identity import result_id
 
-    lines = [line for line in REFERENCE.read_text().splitlines() if not line.startswith("#")]
     out = []
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for row in csv.DictReader(lines):
+        for row in read_commented_csv(REFERENCE):
             overrides = row["overrides"].split() + ["backend.name=simulate", "backend.device=h100-80gb"]
             run = to_run_config(compose(config_name="config", overrides=overrides))
             out.append((row["case"], row["h100_peak_gib"], row["emulate"], result_id(run)))
