@@ -35,6 +35,7 @@ from membench.devices import DEVICES, DeviceProfile
 from membench.errors import ConfigError
 from membench.files import check_writable_dir, write_atomic
 from membench.identity import config_digest
+from membench.results import provenance
 from membench.maxfit.config import CONFIRM, DIMENSIONS
 from membench.maxfit.text import budget_label
 
@@ -195,7 +196,8 @@ def write_fit(rows: list[dict[str, Any]], directory: str | Path, settings: dict[
     stem = "--".join(["fit", str(first["model"]), str(first["precision"]), config_digest(settings)])
     paths = [directory / f"{stem}.{suffix}" for suffix in ("json", "csv", "md")]
     write_atomic(paths[0], json.dumps({"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings,
-                                       "rows": rows}, indent=2) + "\n")
+                                       "rows": rows, "env": {"backend": "simulate", **provenance()}},
+                                      indent=2) + "\n")
     frame = pd.DataFrame(rows, columns=COLUMNS)
     for column in ("rank", "budget_bytes", "seq_len", "max_batch_size", "peak_bytes_at_max_batch_size",
                    "batch_size", "max_seq_len", "peak_bytes_at_max_seq_len"):

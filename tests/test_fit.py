@@ -33,7 +33,10 @@ def test_fit_prints_and_writes_the_table(tmp_path):
     assert all(r["max_batch_size"] == 8 and r["batch_limited_by"] == "search_cap" for r in rows)
     assert rows[0]["budget_bytes"] == fit.device_budget(fit.DEVICES["gpu-24gb"])
     assert [p.suffix for p in paths] == [".json", ".csv", ".md"] and all(p.exists() for p in paths)
-    assert json.loads(paths[0].read_text())["kind"] == "membench-fit"
+    document = json.loads(paths[0].read_text())
+    assert document["kind"] == "membench-fit"
+    assert document["env"]["backend"] == "simulate"  # what produced it
+    assert {"torch", "transformers", "peft", "git_sha"} <= set(document["env"])
     printed = out.getvalue()
     assert "| lora_fa | 8 | h100-80gb |" in printed and "≥8 (cap)" in printed
     assert paths[2].read_text() == fit.load_fit_markdown(tmp_path / "fit")

@@ -13,6 +13,7 @@ import pandas as pd
 from membench.files import write_atomic
 from membench.identity import config_digest
 from membench.maxfit.rows import COLUMNS, INT_COLUMNS
+from membench.results import provenance
 
 SCHEMA_VERSION = 1
 KIND = "membench-maxfit"
@@ -30,7 +31,8 @@ def write_maxfit(rows: list[dict[str, Any]], directory: str | Path, settings: di
     stem = "--".join(["maxfit", str(first["model"]), str(first["precision"]), str(first["backend"]),
                       config_digest(settings)])
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
-    document = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings, "rows": rows}
+    document = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings, "rows": rows,
+                "env": provenance()}  # each row names its backend
     write_atomic(json_path, json.dumps(document, indent=2) + "\n")
     frame = _typed(pd.DataFrame(rows, columns=COLUMNS))  # nullable integers: 512, not 512.0
     write_atomic(csv_path, frame.to_csv(index=False))
