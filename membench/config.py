@@ -28,6 +28,12 @@ PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
 OPTIMIZERS = ("adamw",)
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+#: Base-weight quantisation through bitsandbytes (membench.quantization): 4-bit NF4/FP4 (QLoRA) or LLM.int8().
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+#: bitsandbytes' 4-bit compute dtypes; ``null`` = the precision's (fp32, bf16 or fp16).
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+#: Storage dtype of the packed 4-bit weight (same bytes; a float type lets FSDP shard it).
+QUANT_STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 FAKE_DEVICES = ("auto", "cuda", "cpu")
 TRACE_MODES = ("auto", "off")
@@ -68,6 +74,15 @@ class ModelConfig:
             weights, so it works offline from the Hub cache. ``hf_config`` overrides it.
         revision: Hub revision (branch, tag or commit) of ``id``; ``null`` = the default branch.
         trust_remote_code: Run the config code a Hub repository ships (off unless set).
+        quantization: ``none``, or the base weights through bitsandbytes as transformers'
+            ``BitsAndBytesConfig`` loads them: ``nf4`` / ``fp4`` (4-bit, QLoRA) or ``int8``
+            (LLM.int8()). Every linear layer except the output head and classifiers is quantised.
+        double_quant: 4-bit only: quantise the absmax statistics too (``bnb_4bit_use_double_quant``).
+        compute_dtype: 4-bit only: the dtype matmuls run in (``bnb_4bit_compute_dtype``);
+            ``null`` = the precision's dtype (bf16 for bf16 and bf16-autocast, fp16, fp32).
+        quant_storage: 4-bit only: the packed weight's storage dtype (``bnb_4bit_quant_storage``).
+        prepare_kbit_training: Call PEFT's ``prepare_model_for_kbit_training`` on a quantised
+            base: the other parameters are cast to fp32 and gradient checkpointing is turned on.
     """
 
     name: str = "custom"
@@ -82,9 +97,24 @@ class ModelConfig:
     id: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    quantization: str = "none"
+    double_quant: bool = True  # QLoRA's recipe (Dettmers et al. 2023): NF4 + double quantisation
+    compute_dtype: Optional[str] = None
+    quant_storage: str = "uint8"
+    prepare_kbit_training: bool = False
 
     def __post_init__(self) -> None:
         check_choice("model.task", self.task, MODEL_TASKS)
+        check_choice("model.quantization", self.quantization, QUANTIZATIONS)
+        if self.compute_dtype is not None:
+            check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("model.quant_storage", self.quant_storage, QUANT_STORAGE_DTYPES)
+        if self.quantization == "none" and self.prepare_kbit_training:
+            raise ConfigError("model.prepare_kbit_training=true prepares a quantised base; set model.quantization "
+                              f"({', '.join(q for q in QUANTIZATIONS if q != 'none')}) or drop it")
+        if self.quantization == "int8" and (self.compute_dtype is not None or self.quant_storage != "uint8"):
+            raise ConfigError("model.compute_dtype / model.quant_storage are 4-bit knobs; model.quantization=int8 "
+                              "(LLM.int8()) has neither: drop them or use nf4 / fp4")
         if self.id is not None and self.config_path is not None:
             raise ConfigError(f"model.id={self.id!r} and model.config_path={self.config_path!r} both name a config; "
                               "give one of them")
@@ -118,6 +148,9 @@ class MethodConfig:
             fp32, one extra fp32 copy of X per adapted layer in plain LoRA) or ``base``.
         lorafa_optimizer: Use PEFT's ``create_lorafa_optimizer`` (AdamW with the
             LoRA-FA gradient correction for B). Costs time, not activations.
+        dora: Weight-decomposed LoRA (PEFT's ``use_dora=True``): a trainable magnitude vector
+            per adapted layer; forward also computes the weight's column norms and keeps more
+            for backward (see the report's DoRA section).
     """
 
     name: str = "full"
@@ -129,9 +162,13 @@ class MethodConfig:
     lora_dropout: float = 0.0
     adapter_dtype: str = "fp32"
     lorafa_optimizer: bool = False
+    dora: bool = False  # added after identity version 1: hashed only when set
 
     def __post_init__(self) -> None:
         check_choice("method.kind", self.kind, METHODS)
+        if self.kind == "full" and self.dora:
+            raise ConfigError("method.dora=true decomposes LoRA adapters; method.kind=full has none: "
+                              "pick method=dora (or method.kind=lora)")
         if isinstance(self.target_modules, str):  # PEFT's spelling: one name or "all-linear"
             self.target_modules = [self.target_modules]
         elif self.target_modules is not None:
@@ -310,6 +347,16 @@ class RunConfig:
                 f"workload.target_len={self.workload.target_len} only applies to seq2seq models; "
                 f"model {self.model.name!r} is {self.model.task}"
             )
+        if self.model.quantization != "none" and not self.method.uses_adapters:
+            raise ConfigError(
+                f"model.quantization={self.model.quantization} freezes the base weights in bitsandbytes' "
+                f"quantised layers, which cannot train; method.kind=full needs model.quantization=none "
+                "(or pick method=qlora / qlora_fa / qdora)"
+            )
+        if self.model.quantization in ("nf4", "fp4"):
+            from membench.quantization import check_compute_dtype
+
+            check_compute_dtype(self.model, self.train.precision)
         if self.method.lorafa_optimizer and self.train.optimizer_impl == "fused":
             raise ConfigError(
                 "method.lorafa_optimizer=true uses PEFT's own AdamW, which has no fused kernel; "

@@ -54,6 +54,7 @@ def apply_method(
         target_modules=targets,
         exclude_modules=excludes or None,
         task_type=PEFT_TASKS[task],
+        use_dora=method.dora,
     )
     # autocast_adapter_dtype=True is PEFT's default: fp32 adapters on a bf16/fp16 base.
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=method.adapter_dtype == "fp32")

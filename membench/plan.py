@@ -64,6 +64,10 @@ def plan(run: RunConfig) -> Plan:
             nothing, rank too large, a backend option the backend lacks.
     """
     resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
+    if run.model.quantization != "none":
+        from membench.quantization import require_bitsandbytes
+
+        require_bitsandbytes(f"model.quantization={run.model.quantization}")
     hf_config = load_hf_config(run.model)
     model, resolution = resolve_model(run.model, hf_config)
     if model.task != "seq2seq_lm" and run.workload.target_len is not None:

@@ -25,6 +25,7 @@ from membench.methods import apply_method, autocast_dtype, weight_dtype
 from membench.models import build_model
 from membench.optim import build_optimizer
 from membench.plan import Plan, plan
+from membench.quantization import model_tensors, prepare_for_kbit_training, quantize_base
 from membench.results import Result, Status, provenance
 from membench.step import MeasuredLoop, Metrics, Progress
 from membench.workload import make_batch
@@ -63,6 +64,10 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
         # A fresh model every time (on meta this costs milliseconds): PEFT wraps in place,
         # and a plan must stay executable more than once.
         model = build_model(the_plan.model, the_plan.hf_config, dtype, device)  # task, attention resolved
+        if run.model.quantization != "none":
+            model = quantize_base(model, run.model, run.train.precision, torch.device(device))
+            if run.model.prepare_kbit_training:
+                model = prepare_for_kbit_training(model)
         with torch.device(device):  # PEFT creates adapters on the default device, then moves them
             return apply_method(model, run.method, the_plan.model.task, the_plan.targets, the_plan.excludes, dtype)
 
@@ -85,7 +90,7 @@ def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
 def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
     model, batch = build(the_plan, backend)
-    with backend.session([*model.parameters(), *model.buffers(), *batch.values()]):
+    with backend.session([*model_tensors(model), *batch.values()]):
         optimizer = build_optimizer(model, run.method, run.train)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
         warmup_steps, primed = warmup(run, backend)

@@ -93,7 +93,8 @@ class OpOrigins(TorchDispatchMode):
 
 
 class SavedTensorCounter:
-    """Sums the unique storages packed by autograd while active, in bytes, and attributes them.
+    """Sums the unique storages packed by autograd while active and still alive when it ends, in bytes,
+    and attributes them.
 
     Parameters are excluded: they exist whether or not backward needs them.
     Bytes are the storages' exact sizes (no allocator rounding), so they can be
@@ -114,6 +115,7 @@ class SavedTensorCounter:
             self._names = {id(module): name for name, module in model.named_modules()}
         # storage key -> (exact bytes, module path, op that made it)
         self._seen: dict[int, tuple[int, str, Optional[OpOverload]]] = {}
+        self._alive: dict[int, weakref.ref] = {}  # storage key -> the storage, while it lives
         self._stack: list[str] = [NO_MODULE]
         self._origin: OriginLookup = _no_origin
 
@@ -124,9 +126,17 @@ class SavedTensorCounter:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage_id(storage)
-        if key not in self._excluded and key not in self._seen:
+        if key not in self._excluded and (key not in self._seen or self._alive[key]() is not storage):
             self._seen[key] = (storage.nbytes(), self._stack[-1], self._origin(storage))
+            self._alive[key] = weakref.ref(storage)
         return tensor
+
+    def _drop_dead(self) -> None:
+        """Forget storages that died before forward ended: a graph built and dropped inside the forward
+        (DoRA's weight norm of ``lora_B(lora_A(I))``, detached) packed them, but backward keeps none.
+        A later storage at the same address is then not mistaken for them either (see ``_pack``)."""
+        for key in [key for key, ref in self._alive.items() if ref() is None]:
+            del self._seen[key], self._alive[key]
 
     def _aggregate(self, label: Callable[[tuple], str]) -> tuple[dict[str, int], dict[str, int]]:
         nbytes: dict[str, int] = {}
@@ -169,6 +179,37 @@ class SavedTensorCounter:
         return {key: dict(sorted(table[key].items(), key=lambda item: (-item[1], item[0])))
                 for key in sorted(table, key=lambda key: (-totals[key], key))}
 
+    def kept_by_function_objects(self, root) -> dict[str, int]:
+        """{function: bytes} that custom autograd functions keep as plain ``ctx`` attributes.
+
+        ``ctx.tensors = (A, ...)`` (bitsandbytes' 8-bit matmul keeps its input that way) is not
+        ``save_for_backward``, so the saved-tensor hooks never see it, yet it stays allocated until
+        backward: the allocator model counts it in activations and the peak, and this names it.
+        Walks the graph from ``root`` (the loss's ``grad_fn``); storages of parameters, of model
+        tensors and of tensors the hooks counted are left out, each storage is counted once.
+        """
+        kept: dict[str, int] = {}
+        seen = set(self._seen) | self._excluded
+        stack, visited = [root], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in visited:
+                continue
+            visited.add(id(node))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+            if not isinstance(node, torch.autograd.function.BackwardCFunction):
+                continue
+            for value in vars(node).values():
+                for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                    if not isinstance(tensor, torch.Tensor):
+                        continue
+                    key = storage_id(tensor.untyped_storage())
+                    if key not in seen:
+                        seen.add(key)
+                        name = type(node).__name__
+                        kept[name] = kept.get(name, 0) + tensor.untyped_storage().nbytes()
+        return dict(sorted(kept.items(), key=lambda item: (-item[1], item[0])))
+
     @contextlib.contextmanager
     def counting(self, origin: Optional[OriginLookup] = None) -> Iterator["SavedTensorCounter"]:
         """Count one forward pass from zero (storage keys are only unique among live storages).
@@ -176,7 +217,7 @@ class SavedTensorCounter:
         Args:
             origin: Tells which op made a live storage (see ``Backend.op_origins``); None: unknown.
         """
-        self._seen = {}
+        self._seen, self._alive = {}, {}
         self._origin = origin or _no_origin
         stack = self._stack = [NO_MODULE]
         names = self._names
@@ -194,4 +235,5 @@ class SavedTensorCounter:
                     torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
                 yield self
         finally:
+            self._drop_dead()
             self._origin = _no_origin

@@ -4,7 +4,8 @@ One step is forward -> backward -> AdamW step -> ``zero_grad(set_to_none=True)``
 the loop every fine-tuning script runs. Each phase gets its own peak (the
 backend's peak is reset at the phase start). The figures, all integer bytes:
 
-* ``weight_bytes``: parameters + buffers, once per storage, allocator-rounded.
+* ``weight_bytes``: parameters + buffers (+ a quantised base's absmax and code tables), once per
+  storage, allocator-rounded.
 * ``optimizer_state_bytes``: what the first ``optimizer.step()`` adds.
 * ``gradient_bytes``: the ``.grad`` storages of trainable weights after backward.
 * ``activation_bytes``: allocated after forward minus before forward.
@@ -14,6 +15,8 @@ backend's peak is reset at the phase start). The figures, all integer bytes:
   op that made them; each sums to ``saved_tensor_bytes`` exactly.
   ``saved_tensors_by_module`` / ``saved_tensors_by_op`` count the storages;
   ``saved_bytes_by_module_op`` crosses the two ({module: {op: bytes}}).
+* ``ctx_kept_bytes_by_function``: storages custom autograd functions keep as ``ctx`` attributes
+  (invisible to saved-tensor hooks, e.g. bitsandbytes' 8-bit matmul input), by function.
 * ``peak_allocated_bytes``: the highest phase peak over the measured steps.
 """
 
@@ -31,6 +34,7 @@ from torch import nn
 from membench.backends.base import Backend
 from membench.allocator import allocator_bytes, storage_key
 from membench.compat import adamw_host_step_counters
+from membench.quantization import logical_numel, model_tensors
 from membench.saved_tensors import SavedTensorCounter
 
 @dataclass
@@ -62,6 +66,9 @@ class Metrics:
     saved_bytes_by_op: dict[str, int] = field(default_factory=dict)
     saved_tensors_by_op: dict[str, int] = field(default_factory=dict)  # storages per op
     saved_bytes_by_module_op: dict[str, dict[str, int]] = field(default_factory=dict)  # {module: {op: bytes}}
+    # Kept for backward as plain attributes of custom autograd functions (not save_for_backward, so not
+    # in saved_tensor_bytes; in activation_bytes and the peak): {function: bytes}. See membench.saved_tensors.
+    ctx_kept_bytes_by_function: dict[str, int] = field(default_factory=dict)
 
 
 def unique_storage_bytes(tensors) -> int:
@@ -105,9 +112,9 @@ class MeasuredLoop:
         progress.phase = "model_ready"
         parameters = list(model.parameters())
         self.trainable = [p for p in parameters if p.requires_grad]
-        self.metrics.total_params = sum(p.numel() for p in {id(p): p for p in parameters}.values())
+        self.metrics.total_params = sum(logical_numel(p) for p in {id(p): p for p in parameters}.values())
         self.metrics.trainable_params = sum(p.numel() for p in self.trainable)
-        self.metrics.weight_bytes = unique_storage_bytes([*parameters, *model.buffers()])
+        self.metrics.weight_bytes = unique_storage_bytes(model_tensors(model))  # quantisation state included
         self.metrics.phase_allocated_bytes["model_ready"] = backend.allocated()
         self._saved = SavedTensorCounter(parameters, model)
 
@@ -148,6 +155,7 @@ class MeasuredLoop:
             self.metrics.saved_bytes_by_module, self.metrics.saved_tensors_by_module = self._saved.by_module()
             self.metrics.saved_bytes_by_op, self.metrics.saved_tensors_by_op = self._saved.by_op()
             self.metrics.saved_bytes_by_module_op = self._saved.by_module_and_op()
+            self.metrics.ctx_kept_bytes_by_function = self._saved.kept_by_function_objects(loss.grad_fn)
 
         self._enter("backward")
         loss.backward()

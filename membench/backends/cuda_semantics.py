@@ -313,7 +313,8 @@ def _cuda_softmax(original_softmax):
 
 class CudaSemantics:
     """Context manager: ``F.dropout``, ``F.scaled_dot_product_attention``, ``F.layer_norm`` and
-    ``F.softmax`` save CUDA's bytes on CPU.
+    ``F.softmax`` save CUDA's bytes on CPU; with ``quantized``, bitsandbytes' 4-bit matmul
+    allocates CUDA's temporaries (:mod:`membench.backends.quantized_kernels`).
 
     The swaps themselves, and why they are swaps, are
     :func:`membench.compat.route_dropout_and_sdpa_like_cuda` and
@@ -321,8 +322,9 @@ class CudaSemantics:
     so one measurement per process at a time, and this object is not re-entrant.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quantized: bool = False) -> None:
         self._routes = None
+        self._quantized = quantized  # bitsandbytes layers: their 4-bit matmul's CUDA temporaries too
 
     def __enter__(self) -> "CudaSemantics":
         if self._routes is not None:
@@ -331,6 +333,10 @@ class CudaSemantics:
         with stack:
             stack.enter_context(compat.route_dropout_and_sdpa_like_cuda(_cuda_dropout, _cuda_sdpa))
             stack.enter_context(compat.route_layer_norm_and_softmax_like_cuda(_cuda_layer_norm, _cuda_softmax))
+            if self._quantized:
+                from membench.backends.quantized_kernels import Gemm4bitAsOnCuda
+
+                stack.enter_context(Gemm4bitAsOnCuda())
             self._routes = stack.pop_all()
         return self
 

@@ -21,19 +21,25 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from membench.compat import FakeTensorMode, no_packed_sequences
+from membench.compat import FakeTensorMode, fake_quantized_parameter, no_packed_sequences
 from membench.devices import TRAINING_THREADS, DeviceProfile
 from membench.backends.tracker import TrackedBackend
 from membench.errors import ConfigError
+from membench.quantization import is_quantized
 
 GiB = 1 << 30
 
 
-def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+def empty_like_on(device: torch.device):
+    return lambda tensor: torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+
+
+def materialize(model: nn.Module, device: torch.device, fake_mode=None) -> nn.Module:
     """Replace every meta parameter and buffer with an empty tensor on ``device``, in place.
 
     Unlike ``Module.to_empty``, a tensor shared by two modules (tied embeddings)
-    stays shared, so it is counted once.
+    stays shared, so it is counted once. A bitsandbytes quantised weight becomes a
+    fake tensor of its own class with fake statistics (needs the active ``fake_mode``).
     """
     made: dict[int, torch.Tensor] = {}
     for module in model.modules():
@@ -41,7 +47,11 @@ def materialize(model: nn.Module, device: torch.device) -> nn.Module:
         own = [*module.named_parameters(recurse=False, remove_duplicate=False),
                *module.named_buffers(recurse=False, remove_duplicate=False)]
         for key, tensor in own:
-            if id(tensor) not in made:
+            if id(tensor) not in made and is_quantized(tensor):  # bitsandbytes' packed weight and its statistics
+                made[id(tensor)] = fake_quantized_parameter(fake_mode, tensor, device, empty_like_on(device))
+                if getattr(module, "quant_state", None) is not None:  # Linear4bit keeps a second reference
+                    module.quant_state = made[id(tensor)].quant_state
+            elif id(tensor) not in made:
                 empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
                 if isinstance(tensor, nn.Parameter):
                     empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
@@ -70,7 +80,7 @@ class SimulateBackend(TrackedBackend):
     def build(self, factory: Callable[[torch.device], nn.Module]) -> nn.Module:
         model = factory(torch.device("meta"))
         with self.fake_mode:
-            return materialize(model, self.device)
+            return materialize(model, self.device, self.fake_mode)
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         with self.fake_mode:

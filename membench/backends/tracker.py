@@ -25,6 +25,7 @@ import torch
 from membench.allocator import allocator_bytes, returned_tensors, storage_key
 from membench.backends.base import Backend
 from membench.backends.cuda_semantics import CudaSemantics
+from membench.quantization import is_quantized
 from membench.compat import OpOverload, TorchDispatchMode, storage_id, when_storage_freed
 from membench.events import ALLOC, FREE, PHASE, WORKSPACE
 
@@ -159,7 +160,7 @@ class TrackedBackend(Backend):
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.tracker)
             if self.cuda_semantics:
-                stack.enter_context(CudaSemantics())
+                stack.enter_context(CudaSemantics(quantized=any(is_quantized(t) for t in tensors)))
             yield
 
     @contextlib.contextmanager

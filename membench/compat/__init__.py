@@ -30,6 +30,9 @@ One module per upstream package and concern; patches for other packages
   :func:`record_cuda_memory_history` (the allocator's private history API), and
   ``FakeTensorMode``, ``TorchDispatchMode``, ``OpOverload``: classes torch
   documents only under private module paths.
+* ``bitsandbytes_params``: :func:`fake_quantized_parameter` (bitsandbytes'
+  ``Params4bit`` / ``Int8Params`` as fake tensors, through ``FakeTensor``'s
+  private constructor).
 * ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
   check) and :func:`enable_activation_checkpointing` (a renamed method).
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from membench.compat._checks import CompatError, installed_version
+from membench.compat.bitsandbytes_params import check_fake_quantized_parameters, fake_quantized_parameter
 from membench.compat.torch_attention import (
     check_dropout_and_sdpa_routing,
     cpu_flash_attention,
@@ -91,6 +95,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "enable_activation_checkpointing": check_activation_checkpointing,
     "record_cuda_memory_history": checked_cuda_history_functions,
     "checked_autograd_node_functions": checked_autograd_node_functions,
+    "fake_quantized_parameter": check_fake_quantized_parameters,
 }
 
 
@@ -109,7 +114,7 @@ def check_all() -> list[str]:
 
 __all__ = [
     "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
-    "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
+    "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",

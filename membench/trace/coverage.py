@@ -68,6 +68,10 @@ def covered(run: RunConfig) -> Optional[str]:
                 "the trace would split on S % 32")
     if model_type == "llama" and run.model.attn_implementation == "eager" and not run.method.gradient_checkpointing:
         return "LLaMA with eager attention is not covered (saved-tensor op attribution differed from direct)"
+    if run.model.quantization != "none":
+        return f"model.quantization={run.model.quantization} (bitsandbytes layers) is not covered yet"
+    if run.method.dora:
+        return "method.dora=true is not covered yet"
     if run.method.kind not in METHOD_KINDS:
         return f"method.kind={run.method.kind} is not covered"
     if run.train.precision not in PRECISIONS:
