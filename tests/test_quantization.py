@@ -167,3 +167,17 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 
     with pytest.raises(ConfigError, match="model.quantization=nf4 needs bitsandbytes"):
         require_bitsandbytes("model.quantization=nf4")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dora_extra_saved_bytes_per_layer_match_the_reported_count(precision):
+    """One adapted layer: DoRA keeps M*N*(base + adapter bytes) + 2*N*adapter bytes more than LoRA."""
+    from membench.report.quantized import dora_extra_saved_bytes
+
+    extra = ["model.hf_config.num_hidden_layers=1", "method.target_modules=[q_proj]", f"train.precision={precision}"]
+    lora = measure(tiny("tiny-llama", "lora", *extra, backend="simulate")).metrics
+    dora = measure(tiny("tiny-llama", "dora", *extra, backend="simulate")).metrics
+    tokens, out_features = 2 * 16, 64  # conftest's TINY_WORKLOAD; tiny-llama's q_proj
+    base_bytes = 4 if precision == "fp32" else 2
+    assert dora["saved_tensor_bytes"] - lora["saved_tensor_bytes"] == dora_extra_saved_bytes(
+        tokens, out_features, base_bytes, adapter_bytes=4)

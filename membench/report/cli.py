@@ -18,7 +18,7 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
 from membench.files import write_atomic
-from membench.report import analytic, figures, tables, validate, verdict, where
+from membench.report import analytic, figures, quantized, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
@@ -50,6 +50,9 @@ def verdict_markdown(frame: pd.DataFrame) -> str:
     knobs = verdict.knob_effects(frame)
     if not knobs.empty:
         parts += ["## Runs that differ in one knob\n", markdown(knobs)]
+    four_bit = quantized.section(frame)
+    if four_bit:
+        parts += [four_bit]
     table = verdict.verdict_table(frame)
     if not table.empty:
         parts += ["## Every configuration\n", markdown(table, RIGHT)]
@@ -131,6 +134,9 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
              "comparison": (tables.comparison_table(frame), "Peak memory per method and the ratios between them"),
              "breakdown": (tables.breakdown_table(frame), "Every run: peak and its breakdown (GiB)"),
              "verdict": (verdict.verdict_table(frame), f"LoRA/LoRA-FA ratio against the {verdict.CLAIM}x claim")}
+    if quantized.has_quantized(frame):
+        named["quantized"] = (quantized.quantized_table(frame),
+                              "Peak memory (GiB) with a 4-bit base and with DoRA; LoRA-FA's ratio on each base")
     for name, (table, caption) in named.items():
         if table.empty:
             continue
@@ -141,6 +147,8 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
             write_atomic(path, text)
             written.append(path)
     written += figures.save_all(frame, out / "figures")
+    if quantized.has_quantized(frame):
+        written += figures.save_figure(quantized.stacked_by_batch(frame), out / "figures", "quantized_by_batch")
     written += write_validation(frame, out)
     written += write_analytic(frame, out)
     written += write_maxfit(maxfit, out)
@@ -160,6 +168,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
               "- `analytic.md|tex`: the symbolic walk (membench/analytic/) and Korthikanti's formula vs measured",
               "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
               "- `attribution.md`, `figures/attribution.png|pdf`: which modules hold LoRA's extra saved bytes",
+              "- `quantized.md|tex` (with QLoRA or DoRA runs): each method's peak, LoRA-FA's ratio on a 4-bit base",
               "- `figures/*.png|pdf`\n"]
     write_atomic(out / "README.md", "\n".join(index))
     written.append(out / "README.md")

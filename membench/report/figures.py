@@ -20,7 +20,8 @@ from membench.report.tables import METHOD_LABELS, headline_rows
 PARTS = (("weight_bytes", "weights"), ("gradient_bytes", "gradients"), ("optimizer_state_bytes", "optimizer state"),
          ("activation_bytes", "activations"))
 COLORS = {"full": "tab:gray", "full_recompute": "silver", "lora": "tab:blue", "lora_recompute": "tab:cyan",
-          "lora_fa": "tab:red", "lora_fa_recompute": "tab:orange"}
+          "lora_fa": "tab:red", "lora_fa_recompute": "tab:orange", "qlora": "tab:purple", "qlora_fa": "tab:pink",
+          "qlora_recompute": "tab:olive", "dora": "tab:green", "qdora": "tab:brown"}
 
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
@@ -240,11 +241,17 @@ def save_all(frame: pd.DataFrame, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in FIGURES.items():
-        fig = draw(frame)
-        for suffix in ("png", "pdf"):
-            path = directory / f"{name}.{suffix}"
-            fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if suffix == "pdf"
-                        else None)
-            written.append(path)
-        plt.close(fig)
+        written += save_figure(draw(frame), directory, name)
+    return written
+
+
+def save_figure(fig: plt.Figure, directory: Path, name: str) -> list[Path]:
+    """``fig`` as ``<name>.png`` (150 dpi) and ``<name>.pdf`` (no creation date: rebuilt byte for byte); closes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix in ("png", "pdf"):
+        path = directory / f"{name}.{suffix}"
+        fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if suffix == "pdf" else None)
+        written.append(path)
+    plt.close(fig)
     return written

@@ -54,6 +54,7 @@ def row(result: Result, path: Path) -> dict:
         "model": model["name"], "model_type": model.get("model_type"), "task": model["task"],
         "attn_implementation": model.get("attn_implementation", "sdpa"),
         "method": method["name"], "kind": method["kind"], "recompute": bool(method["gradient_checkpointing"]),
+        "quantization": model.get("quantization", "none"), "dora": bool(method.get("dora", False)),
         "rank": method.get("rank"), "alpha": method.get("alpha"),
         "adapter_dtype": method.get("adapter_dtype") if method["kind"] != "full" else None,
         "lora_dropout": method.get("lora_dropout") if method["kind"] != "full" else None,

@@ -7,7 +7,10 @@ import pandas as pd
 from membench.report.compare import GIB, default_knobs, gib, side_by_side, unit
 
 METHOD_LABELS = {"full": "full", "lora": "LoRA", "lora_fa": "LoRA-FA", "lora_recompute": "LoRA+recompute",
-                 "lora_fa_recompute": "LoRA-FA+recompute", "full_recompute": "full+recompute"}
+                 "lora_fa_recompute": "LoRA-FA+recompute", "full_recompute": "full+recompute",
+                 "qlora": "QLoRA", "qlora_fa": "QLoRA-FA", "qlora_recompute": "QLoRA+recompute",
+                 "qlora_fa_recompute": "QLoRA-FA+recompute", "dora": "DoRA", "dora_recompute": "DoRA+recompute",
+                 "qdora": "QDoRA", "qdora_recompute": "QDoRA+recompute"}
 
 
 def ratio(value, oom: bool = False) -> str:
