@@ -45,8 +45,8 @@ def test_unknown_model_lists_choices():
 
 def test_unknown_method_lists_choices():
     with pytest.raises(MissingConfigException) as error:
-        run_config("method=qlora")
-    assert "qlora" in str(error.value) and "lora_fa" in str(error.value)
+        run_config("method=qlora_xl")
+    assert "qlora_xl" in str(error.value) and "lora_fa" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 from membench.config import ATTN_IMPLEMENTATIONS, PRECISIONS
 from membench.gpucheck import checks as gpuchecks
 from membench.gpucheck import run as gpurun
-from membench.gpucheck.checks import CATALOGUE_CHECKS, CHECKS, Check, coverage, missing_coverage
+from membench.gpucheck.checks import CATALOGUE_CHECKS, CHECKS, QUANTIZED_CHECKS, Check, coverage, missing_coverage
 from membench.results import write_result
 from membench.runner import measure
 from tests.conftest import CONF, METHODS, tiny
@@ -19,17 +19,21 @@ from tests.conftest import CONF, METHODS, tiny
 
 def test_checks_cover_every_method_precision_attention_and_family():
     covered = coverage(CHECKS)
-    assert covered["method"] >= set(METHODS)
+    assert covered["method"] >= set(METHODS) - coverage(QUANTIZED_CHECKS)["method"]
     assert covered["precision"] >= set(PRECISIONS)
     assert covered["attention"] >= set(ATTN_IMPLEMENTATIONS)
     assert {"roberta", "t5", "llama", "qwen2", "mistral"} <= covered["family"]
     # The default checks cover the paper's and the current decoders' families; --catalogue adds one
     # check for each family the catalogue has beyond those, so together they cover every family.
-    assert missing_coverage(CHECKS + CATALOGUE_CHECKS) == {}
-    assert missing_coverage(CHECKS).keys() <= {"family"}
+    assert missing_coverage(CHECKS + CATALOGUE_CHECKS + QUANTIZED_CHECKS) == {}
+    assert missing_coverage(CHECKS).keys() <= {"family", "method"}
+    # The default kit leaves out only the 4-bit and DoRA methods, which --quantized adds (one check each).
+    assert missing_coverage(CHECKS)["method"] == coverage(QUANTIZED_CHECKS)["method"]
+    assert len(QUANTIZED_CHECKS) == len(coverage(QUANTIZED_CHECKS)["method"])
     assert not covered["family"] & coverage(CATALOGUE_CHECKS)["family"]  # no family measured twice
     # The coverage is read off the configs: dropping the only fp16 check (full_recompute) shows up as a gap.
-    gaps = missing_coverage([c for c in CHECKS if "train.precision=fp16" not in c.overrides] + CATALOGUE_CHECKS)
+    gaps = missing_coverage([c for c in CHECKS if "train.precision=fp16" not in c.overrides] + CATALOGUE_CHECKS
+                            + QUANTIZED_CHECKS)
     assert gaps == {"precision": {"fp16"}, "method": {"full_recompute"}}
 
 
@@ -53,10 +57,11 @@ def test_dry_run_lists_checks_cost_and_coverage(capsys):
         assert check.name in out
     assert "[llama, lora_fa, bf16, sdpa]" in out
     assert "Estimated GPU-lane time" in out
-    assert "Not covered without --catalogue: family bert, deberta-v2," in out
-    assert gpurun.main(["--dry-run", "--catalogue"]) == 0
+    assert "Not covered without --catalogue / --quantized: method dora, dora_recompute, qdora," in out
+    assert "family bert, deberta-v2," in out
+    assert gpurun.main(["--dry-run", "--catalogue", "--quantized"]) == 0
     out = capsys.readouterr().out
-    assert all(check.name in out for check in CATALOGUE_CHECKS)
+    assert all(check.name in out for check in CATALOGUE_CHECKS + QUANTIZED_CHECKS)
     assert "Coverage: every method, precision, attention implementation and family" in out
 
 

@@ -143,6 +143,27 @@ CATALOGUE_CHECKS: list[Check] = [
 ]
 
 
+#: QLoRA, QDoRA and DoRA (``--quantized``): bitsandbytes' 4-bit layers and PEFT's DoRA, whose CUDA kernels
+#: (the 4-bit matmul's dequantise-then-linear fallback above 1536 rows, the packed weight's statistics)
+#: simulate models from bitsandbytes' source, unmeasured. Llama 3.1 8B with 4 of its blocks, bf16 compute,
+#: 4 x 1024 = 4096 rows per matmul; each method once, so a run's difference names the method.
+QUANTIZED_CHECKS: list[Check] = [
+    Check(f"llama-3.1-8b-4l-{method}-bf16", (*four_layers("llama-3.1-8b"), f"method={method}", "method.rank=16",
+                                            "train.precision=bf16", "workload.batch_size=4", "workload.seq_len=1024"),
+          why)
+    for method, why in (
+        ("qlora", "NF4 base with double quantisation: packed weights, absmax and code tables; the 4-bit matmul"),
+        ("qlora_fa", "LoRA-FA on the NF4 base: the saving QLoRA users would get"),
+        ("qlora_recompute", "QLoRA with recompute: the 4-bit matmul and its dequantisation again in backward"),
+        ("qlora_fa_recompute", "LoRA-FA on the NF4 base with recompute"),
+        ("dora", "DoRA on the bf16 base: the weight norm and the two kept outputs per layer"),
+        ("dora_recompute", "DoRA with recompute"),
+        ("qdora", "DoRA on the NF4 base: PEFT dequantises every weight for its norm in forward"),
+        ("qdora_recompute", "QDoRA with recompute"),
+    )
+]
+
+
 @dataclass
 class ProbeContext:
     """What a probe function gets.
@@ -190,9 +211,11 @@ def gpu_seconds(check: Check) -> int:
     return check.estimated_s + SNAPSHOT_RUN_S * check.snapshot
 
 
-def selected(quick: bool = False, catalogue: bool = False) -> list[Check]:
-    """The checks a run makes: all of :data:`CHECKS` (or the ``quick`` ones), plus :data:`CATALOGUE_CHECKS` on request."""
-    return [check for check in CHECKS if check.quick or not quick] + (CATALOGUE_CHECKS if catalogue else [])
+def selected(quick: bool = False, catalogue: bool = False, quantized: bool = False) -> list[Check]:
+    """The checks a run makes: all of :data:`CHECKS` (or the ``quick`` ones), plus :data:`CATALOGUE_CHECKS`
+    and :data:`QUANTIZED_CHECKS` on request."""
+    return ([check for check in CHECKS if check.quick or not quick] + (CATALOGUE_CHECKS if catalogue else [])
+            + (QUANTIZED_CHECKS if quantized else []))
 
 
 @lru_cache(maxsize=None)
@@ -223,7 +246,11 @@ def required_coverage() -> dict[str, set[str]]:
     from omegaconf import OmegaConf
 
     families = {OmegaConf.load(path).get("model_type") for path in (CONF / "model").glob("*.yaml")}
-    return {"method": {OmegaConf.load(path)["name"] for path in (CONF / "method").glob("*.yaml")},
+    def method_name(path: Path) -> str:
+        loaded = OmegaConf.load(path)  # qlora & co. are placed at the top level (they set model.quantization too)
+        return loaded["method"]["name"] if "method" in loaded else loaded["name"]
+
+    return {"method": {method_name(path) for path in (CONF / "method").glob("*.yaml")},
             "precision": set(PRECISIONS), "attention": set(ATTN_IMPLEMENTATIONS),
             "family": {family for family in families if family}}
 

@@ -376,7 +376,7 @@ def dry_run(checks: list[Check], out: str, budget_s: float) -> str:
               f"Estimated GPU-lane time: ~{gpu_s} s (simulations run beside it on the CPU)"]
     missing = missing_coverage(checks)
     lines.append("Coverage: every method, precision, attention implementation and family" if not missing else
-                 "Not covered without --catalogue: " + "; ".join(f"{axis} {', '.join(sorted(values))}" for axis, values in missing.items()))
+                 "Not covered without --catalogue / --quantized: " + "; ".join(f"{axis} {', '.join(sorted(values))}" for axis, values in missing.items()))
     return "\n".join(lines)
 
 
@@ -391,6 +391,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--catalogue", action="store_true",
                         help="also one check per catalogue family (gpt2, bert, deberta, gemma, phi3, qwen3, MoE); "
                              "raise --budget-s to about 660 for them")
+    parser.add_argument("--quantized", action="store_true",
+                        help="also QLoRA, QDoRA and DoRA (bitsandbytes 4-bit layers, PEFT DoRA) on 4 blocks of "
+                             "Llama 3.1 8B; raise --budget-s by about 200 for them")
     parser.add_argument("--dry-run", action="store_true", help="list the checks, their cost and coverage; run nothing")
     return parser.parse_args(argv)
 
@@ -400,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     args = parse(argv)
-    checks = selected(args.quick, args.catalogue)
+    checks = selected(args.quick, args.catalogue, args.quantized)
     if args.dry_run:
         print(dry_run(checks, args.out, args.budget_s))
         return 0

@@ -161,6 +161,8 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
     if not headline.empty:
         index += ["## Headline\n", markdown(headline, RIGHT)]
     index += ["## Figures\n"] + [f"![{name}](figures/{name}.png)\n" for name in figures.FIGURES]
+    if quantized.has_quantized(frame):
+        index += ["![quantized_by_batch](figures/quantized_by_batch.png)\n"]
     index += ["## Files\n", "- `runs.csv`: every run, one row each (bytes as integers)",
               "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
