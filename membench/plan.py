@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -56,6 +57,31 @@ class Plan:
             self.model = self.run.model
 
 
+def check_dora_layers(run: RunConfig, model: ModelConfig, hf_config: PretrainedConfig, targets: list[str],
+                      excludes: list[str]) -> None:
+    """Ask PEFT itself, on a throwaway meta model, whether its DoRA supports every layer the targets select.
+
+    Raises:
+        ConfigError: PEFT refuses DoRA for one of them (its message names the layer type).
+    """
+    from membench.methods import apply_method
+
+    meta = build_model(model, hf_config, weight_dtype(run.train), "meta")
+    if run.model.quantization != "none":
+        from membench.quantization import quantize_base
+
+        meta = quantize_base(meta, run.model, run.train.precision, torch.device("meta"))
+    try:
+        with torch.device("meta"):
+            apply_method(meta, run.method, model.task, targets, excludes, weight_dtype(run.train))
+    except ValueError as error:
+        raise ConfigError(
+            f"method.dora=true: PEFT's DoRA does not support a layer method.target_modules={targets} selects "
+            f"({error}); DoRA supports Linear (and transformers' Conv1D), bitsandbytes' 4-bit and 8-bit Linear, "
+            "Embedding and Conv layers: pick other targets or method.dora=false"
+        ) from error
+
+
 def plan(run: RunConfig) -> Plan:
     """Validate ``run`` against the model's shape, on a meta model (no memory).
 
@@ -90,4 +116,6 @@ def plan(run: RunConfig) -> Plan:
         adapted = adapted_layers(meta_model, targets, excludes)
         check_rank(run.method.rank, adapted)
         not_adapted = fused_expert_parameters(meta_model)
+        if run.method.dora:
+            check_dora_layers(run, model, hf_config, targets, excludes)
     return Plan(run, hf_config, meta_model, list(targets), list(excludes), adapted, model, resolution, not_adapted)

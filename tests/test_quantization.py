@@ -181,3 +181,15 @@ def test_dora_extra_saved_bytes_per_layer_match_the_reported_count(precision):
     base_bytes = 4 if precision == "fp32" else 2
     assert dora["saved_tensor_bytes"] - lora["saved_tensor_bytes"] == dora_extra_saved_bytes(
         tokens, out_features, base_bytes, adapter_bytes=4)
+
+
+def test_dora_on_a_layer_peft_refuses_is_a_clear_error(monkeypatch):
+    """PEFT decides what its DoRA supports; the plan asks it on meta and names the refusal."""
+    from peft.tuners.lora import layer
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError(f"{type(self).__name__} does not support DoRA (yet), please set use_dora to False")
+
+    monkeypatch.setattr(layer.Linear, "__init__", refuse)
+    with pytest.raises(ConfigError, match=r"method.dora=true: PEFT's DoRA does not support .*Linear does not support"):
+        plan(tiny("tiny-llama", "dora", backend="simulate"))
