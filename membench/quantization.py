@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from membench.compat.bitsandbytes_params import quantization_maps_off_meta
 from membench.config import ModelConfig
 from membench.errors import ConfigError
 
@@ -96,6 +97,8 @@ def quantize_base(model: nn.Module, settings: ModelConfig, precision: str, devic
     from transformers.quantizers.base import get_keys_to_not_convert
 
     config = bnb_config(settings, precision)
+    if device.type == "meta":
+        quantization_maps_off_meta()
     originals = dict(model.named_modules())
     replace_with_bnb_linear(model, get_keys_to_not_convert(model), config)
     four_bit = settings.quantization in ("nf4", "fp4")

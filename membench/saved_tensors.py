@@ -93,8 +93,8 @@ class OpOrigins(TorchDispatchMode):
 
 
 class SavedTensorCounter:
-    """Sums the unique storages packed by autograd while active and still alive when it ends, in bytes,
-    and attributes them.
+    """Sums the unique storages packed by autograd while active, in bytes, and attributes them
+    (:meth:`forget_freed` then leaves out those that have died since).
 
     Parameters are excluded: they exist whether or not backward needs them.
     Bytes are the storages' exact sizes (no allocator rounding), so they can be
@@ -131,10 +131,13 @@ class SavedTensorCounter:
             self._alive[key] = weakref.ref(storage)
         return tensor
 
-    def _drop_dead(self) -> None:
-        """Forget storages that died before forward ended: a graph built and dropped inside the forward
-        (DoRA's weight norm of ``lora_B(lora_A(I))``, detached) packed them, but backward keeps none.
-        A later storage at the same address is then not mistaken for them either (see ``_pack``)."""
+    def forget_freed(self) -> None:
+        """Forget counted storages that have died; call it when forward ends, before reading the totals.
+
+        A graph built and dropped inside the forward (DoRA's weight norm of ``lora_B(lora_A(I))``,
+        detached) packed them, but backward keeps none. (A later storage at the same address is never
+        mistaken for a dead one: see ``_pack``.)
+        """
         for key in [key for key, ref in self._alive.items() if ref() is None]:
             del self._seen[key], self._alive[key]
 
@@ -235,5 +238,4 @@ class SavedTensorCounter:
                     torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
                 yield self
         finally:
-            self._drop_dead()
             self._origin = _no_origin

@@ -150,6 +150,7 @@ class MeasuredLoop:
                 loss = self.model(**self.batch).loss
         self._leave("forward", peaks, reserved)
         if measured:
+            self._saved.forget_freed()  # packed inside the forward but already dropped: backward keeps none
             self.metrics.activation_bytes = self.backend.allocated() - before_forward
             self.metrics.saved_tensor_bytes = self._saved.total_bytes
             self.metrics.saved_bytes_by_module, self.metrics.saved_tensors_by_module = self._saved.by_module()

@@ -75,8 +75,10 @@ def summarize(result: Result) -> str:
         f"optimizer {amount(m['optimizer_state_bytes'], size)} + activations {amount(m['activation_bytes'], size)}"
     )
     timing = f"{m['step_time_s'] * 1000:.0f} ms/step" if m.get("step_time_s") else "no step time (simulated)"
+    kept = sum((m.get("ctx_kept_bytes_by_function") or {}).values())
+    kept_clause = f" + kept by autograd functions' ctx {amount(kept, size)}" if kept else ""
     figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{reserved_clause(m, result.env)} ({breakdown}; "
-               f"saved for backward {amount(m['saved_tensor_bytes'], size)}), {timing}")
+               f"saved for backward {amount(m['saved_tensor_bytes'], size)}{kept_clause}), {timing}")
     status = result.status
     if status.state == "ok":
         return f"{head} → {figures}"

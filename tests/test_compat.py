@@ -27,13 +27,13 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 10
+    assert len(compat.CHECKS) == 12
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
     monkeypatch.setattr(F, "dropout", lambda x: x)
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda ids, extra: None)
-    with pytest.raises(CompatError, match="2 of 10 patch targets changed") as caught:
+    with pytest.raises(CompatError, match=f"2 of {len(compat.CHECKS)} patch targets changed") as caught:
         compat.check_all()
     assert "route_dropout_and_sdpa_like_cuda: torch" in str(caught.value)
     assert "no_packed_sequences: transformers" in str(caught.value)
@@ -453,3 +453,21 @@ def test_autograd_node_functions_fail_loudly_when_gone(monkeypatch, missing):
     monkeypatch.delattr(owner, missing)
     with pytest.raises(CompatError, match=loud("torch", TORCH, missing)):
         compat.checked_autograd_node_functions()
+
+
+def test_quantising_on_meta_leaves_bitsandbytes_able_to_quantise_for_real():
+    """The cached blockwise map must not stay on meta after a simulated (meta) double quantisation."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes import functional
+
+    functional.name2qmap.pop("dynamic", None)  # as in a fresh process
+    compat.quantization_maps_off_meta()
+    meta = bnb.nn.Params4bit(torch.empty(64, 64, device="meta"), quant_type="nf4", compress_statistics=True)
+    meta._quantize(torch.device("meta"))
+    assert functional.name2qmap["dynamic"].device.type == "cpu"
+    real = bnb.nn.Params4bit(torch.randn(64, 64), quant_type="nf4", compress_statistics=True).to("cpu")
+    assert real.quant_state.state2.code.device.type == "cpu"
+    functional.name2qmap["dynamic"] = functional.name2qmap["dynamic"].to("meta")  # what the fix prevents
+    with pytest.raises(NotImplementedError, match="meta"):
+        bnb.nn.Params4bit(torch.randn(64, 64), quant_type="nf4", compress_statistics=True).to("cpu")
+    compat.quantization_maps_off_meta()

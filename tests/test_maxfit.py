@@ -331,3 +331,14 @@ def test_search_by_reserved_answers_at_most_the_allocated_answers(batch_peaks):
     assert maxfit.MaxFitConfig().by == "reserved"
     with pytest.raises(ConfigError, match="maxfit.by"):
         maxfit.MaxFitConfig(by="free")
+
+
+def test_method_runs_give_quantized_and_dora_methods_their_base():
+    """maxfit.methods=[lora,qlora,qdora] pairs one command line with each method's own base (nf4 or none)."""
+    from membench.maxfit.cli import method_runs
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        runs = method_runs(["lora", "qlora", "qdora", "dora"], ["model=tiny-llama", "method.rank=4"], hydra.compose,
+                           METHODS)
+    assert [(r.method.name, r.model.quantization, r.method.dora, r.method.rank) for r in runs] == [
+        ("lora", "none", False, 4), ("qlora", "nf4", False, 4), ("qdora", "nf4", True, 4), ("dora", "none", True, 4)]

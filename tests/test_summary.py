@@ -47,3 +47,9 @@ def test_reserved_line_shows_both_figures_and_the_margin():
     assert "80.00 GiB reserved (80.0 GiB card: does not fit, 0.5 GiB short)" in tight
     cpu = summarize(Result("id", CONFIG, Status(), metrics, {**ENV, "device_total_memory_bytes": None}))
     assert "peak 10.00 GiB allocated, 12.00 GiB reserved (weights" in cpu
+
+
+def test_ctx_kept_bytes_are_named_beside_the_saved_ones():
+    metrics = {**METRICS, "ctx_kept_bytes_by_function": {"MatMul8bitLtBackward": 1 << 30}}
+    line = summarize(Result("id", CONFIG, Status(), metrics, ENV))
+    assert "saved for backward 4.00 + kept by autograd functions' ctx 1.00)" in line

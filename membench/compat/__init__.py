@@ -32,7 +32,8 @@ One module per upstream package and concern; patches for other packages
   documents only under private module paths.
 * ``bitsandbytes_params``: :func:`fake_quantized_parameter` (bitsandbytes'
   ``Params4bit`` / ``Int8Params`` as fake tensors, through ``FakeTensor``'s
-  private constructor).
+  private constructor) and :func:`quantization_maps_off_meta` (its cached
+  blockwise code table, kept off ``meta``).
 * ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
   check) and :func:`enable_activation_checkpointing` (a renamed method).
 
@@ -44,7 +45,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from membench.compat._checks import CompatError, installed_version
-from membench.compat.bitsandbytes_params import check_fake_quantized_parameters, fake_quantized_parameter
+from membench.compat.bitsandbytes_params import (
+    check_fake_quantized_parameters,
+    fake_quantized_parameter,
+    quantization_maps_off_meta,
+)
 from membench.compat.torch_attention import (
     check_dropout_and_sdpa_routing,
     cpu_flash_attention,
@@ -96,6 +101,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "record_cuda_memory_history": checked_cuda_history_functions,
     "checked_autograd_node_functions": checked_autograd_node_functions,
     "fake_quantized_parameter": check_fake_quantized_parameters,
+    "quantization_maps_off_meta": quantization_maps_off_meta,
 }
 
 
@@ -114,7 +120,7 @@ def check_all() -> list[str]:
 
 __all__ = [
     "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
-    "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter",
+    "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter", "quantization_maps_off_meta",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",

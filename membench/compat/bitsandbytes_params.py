@@ -101,3 +101,30 @@ def _fake_quant_state(state, fake):
     return QuantState(absmax=copy(state.absmax), shape=state.shape, code=copy(state.code),
                       blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
                       offset=copy(state.offset), state2=_fake_quant_state(state.state2, fake))
+
+
+def quantization_maps_off_meta() -> None:
+    """Make bitsandbytes' cached blockwise code table a real (CPU) tensor before quantising on ``meta``.
+
+    ``functional.quantize_blockwise`` fills ``name2qmap["dynamic"]`` on first use with
+    ``create_dynamic_map().to(A.device)`` and reuses it for the process: a first quantisation on
+    ``meta`` (a simulated double-quantised model) would leave a meta table that every later real
+    quantisation (the ``cpu`` backend) cannot copy from. Each layer copies the table to its own device
+    (``code.to(A.device, copy=True)``), so where it is cached changes no byte of the model.
+    """
+    try:
+        from bitsandbytes import functional
+    except ImportError as error:
+        raise incompatible("bitsandbytes", f"cannot import {error.name or error}", _MAPS_NEED) from None
+    maps = getattr(functional, "name2qmap", None)
+    if not isinstance(maps, dict) or not callable(getattr(functional, "create_dynamic_map", None)):
+        raise incompatible("bitsandbytes", "has no functional.name2qmap / create_dynamic_map", _MAPS_NEED)
+    cached = maps.get("dynamic")
+    if cached is None or cached.device.type == "meta":
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.device("cpu"):
+            maps["dynamic"] = functional.create_dynamic_map()
+
+
+_MAPS_NEED = "to keep its cached quantisation map usable after quantising a model on meta"
