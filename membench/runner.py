@@ -86,7 +86,7 @@ def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
     model, batch = build(the_plan, backend)
     with backend.session([*model.parameters(), *model.buffers(), *batch.values()]):
-        optimizer = build_optimizer(model, run.method, run.train)
+        optimizer = build_optimizer(model, run.method, run.train, backend)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
         warmup_steps, primed = warmup(run, backend)
         if primed:
