@@ -47,3 +47,12 @@ def test_reserved_line_shows_both_figures_and_the_margin():
     assert "80.00 GiB reserved (80.0 GiB card: does not fit, 0.5 GiB short)" in tight
     cpu = summarize(Result("id", CONFIG, Status(), metrics, {**ENV, "device_total_memory_bytes": None}))
     assert "peak 10.00 GiB allocated, 12.00 GiB reserved (weights" in cpu
+
+
+def test_a_paged_optimizer_shows_its_managed_memory_beside_the_peak():
+    config = {**CONFIG, "train": {"precision": "bf16", "optimizer": "paged_adamw_8bit"}}
+    line = summarize(Result("id", config, Status(), {**METRICS, "paged_optimizer_state_bytes": 1 << 29}, ENV))
+    assert line.startswith("llama-7b lora_fa r=64 bs=16 seq=512 bf16 paged_adamw_8bit [cuda")
+    assert ("optimizer 1.00 + activations 5.00; paged optimizer state 0.50 in managed memory, outside the peak; "
+            "saved for backward 4.00") in line
+    assert "paged" not in summarize(Result("id", CONFIG, Status(), METRICS, ENV))
