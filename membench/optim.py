@@ -62,8 +62,8 @@ def build_optimizer(model: nn.Module, method: MethodConfig, train: TrainConfig,
     return bitsandbytes_optimizer_as_on_cuda(lambda: optimizer_class(params, lr=train.lr), backend.off_device)
 
 
-def paged_state_bytes(optimizer: torch.optim.Optimizer) -> Optional[int]:
-    """Bytes of optimizer state in CUDA managed memory (a paged bitsandbytes optimizer); None for other optimizers.
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state in CUDA managed memory (a paged bitsandbytes optimizer); 0 for other optimizers.
 
     The bytes bitsandbytes asks ``cudaMallocManaged`` for (``F.get_paged``: elements x element size), one
     allocation per buffer; the driver's page granularity is not modelled.
@@ -72,5 +72,5 @@ def paged_state_bytes(optimizer: torch.optim.Optimizer) -> Optional[int]:
 
     tensors = paged_state_tensors(optimizer)
     if tensors is None:
-        return None
+        return 0
     return sum(tensor.untyped_storage().nbytes() for tensor in tensors)

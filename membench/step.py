@@ -7,7 +7,7 @@ backend's peak is reset at the phase start). The figures, all integer bytes:
 * ``weight_bytes``: parameters + buffers, once per storage, allocator-rounded.
 * ``optimizer_state_bytes``: what the first ``optimizer.step()`` adds.
 * ``paged_optimizer_state_bytes``: a paged bitsandbytes optimizer's state in CUDA managed memory,
-  outside the caching allocator, so in neither ``optimizer_state_bytes`` nor any peak; None for
+  outside the caching allocator, so in neither ``optimizer_state_bytes`` nor any peak; 0 for
   other optimizers (:func:`membench.optim.paged_state_bytes`).
 * ``gradient_bytes``: the ``.grad`` storages of trainable weights after backward.
 * ``activation_bytes``: allocated after forward minus before forward.

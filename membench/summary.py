@@ -79,7 +79,7 @@ def summarize(result: Result) -> str:
     )
     timing = f"{m['step_time_s'] * 1000:.0f} ms/step" if m.get("step_time_s") else "no step time (simulated)"
     paged = m.get("paged_optimizer_state_bytes")
-    if paged is not None:  # a paged optimizer: its managed memory is in no peak
+    if paged is not None and result.config["train"].get("optimizer", "").startswith("paged_"):  # in no peak
         breakdown += f"; paged optimizer state {amount(paged, size)} in managed memory, outside the peak"
     figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{reserved_clause(m, result.env)} ({breakdown}; "
                f"saved for backward {amount(m['saved_tensor_bytes'], size)}), {timing}")

@@ -65,7 +65,7 @@ def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
 def breakdown_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Every run: peak and where it goes (weights, gradients, optimizer state, activations, saved tensors)."""
     name, size = unit(frame)
-    paged = "paged_optimizer_state_bytes" in frame and frame["paged_optimizer_state_bytes"].notna().any()
+    paged = "paged_optimizer_state_bytes" in frame and frame["paged_optimizer_state_bytes"].fillna(0).gt(0).any()
     rows = []
     for _, run in frame.iterrows():
         rows.append({
