@@ -62,6 +62,17 @@ def build_optimizer(model: nn.Module, method: MethodConfig, train: TrainConfig,
     return bitsandbytes_optimizer_as_on_cuda(lambda: optimizer_class(params, lr=train.lr), backend.off_device)
 
 
+#: Optimizers whose step replaces state an earlier step made (Adafactor: ``state["RMS"]``, a new 0-dim tensor
+#: each step). One priming step (:meth:`membench.step.MeasuredLoop.prime_optimizer`) reaches the same allocated
+#: bytes but not the same allocation order as real warm-up steps, which the reserved-memory replay
+#: (:mod:`membench.reserved`) rebuilds from it; so these run their warm-up steps on every backend.
+REPLACES_STATE_EACH_STEP = ("adafactor",)
+
+
+def replaces_state_each_step(train: TrainConfig) -> bool:
+    return train.optimizer in REPLACES_STATE_EACH_STEP
+
+
 def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state in CUDA managed memory (a paged bitsandbytes optimizer); 0 for other optimizers.
 

@@ -30,7 +30,6 @@ PAGED_VOCAB = "model.hf_config.vocab_size=2000"
 WIDE_LORA = ("model.hf_config.hidden_size=128", "model.hf_config.intermediate_size=256", "method.rank=32")
 
 CASES = [
-    ("lora", ("train.optimizer=adamw_8bit",)),  # r 8: every adapter below min_8bit_size, fp32 state
     ("lora", ("train.optimizer=adamw_8bit", *WIDE_LORA)),  # 8-bit and fp32 adapter state side by side
     ("full", ("train.optimizer=adamw_8bit", "train.precision=bf16")),
     ("full", ("train.optimizer=adamw_8bit", "workload.warmup_steps=0")),  # state allocated in the measured step
@@ -50,6 +49,9 @@ def test_simulate_equals_cpu(method, extra):
     assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
     assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
     assert simulated.metrics["paged_optimizer_state_bytes"] == real.metrics["paged_optimizer_state_bytes"]
+    # The reserved-memory replay: simulate's warm-up (primed, or real for Adafactor) leaves the allocator as cpu's
+    # real warm-up steps do; the workspaces open segments of their own, so fragmentation is equal.
+    assert simulated.metrics["fragmentation_bytes"] == real.metrics["fragmentation_bytes"]
     assert simulated.metrics["optimizer_state_bytes"] > 0 or "train.momentum=0" in extra
 
 
@@ -170,7 +172,7 @@ def test_bad_optimizer_settings_are_named(overrides, expected):
 
 
 TRACED = [("lora", ("train.optimizer=adamw_8bit", *WIDE_LORA)), ("full", ("train.optimizer=paged_adamw_8bit", PAGED_VOCAB)),
-          ("lora_fa", ("train.optimizer=sgd",))]
+          ("lora_fa", ("train.optimizer=sgd",)), ("full", ("train.optimizer=adafactor", "train.precision=bf16"))]
 
 
 @pytest.mark.parametrize(("method", "extra"), TRACED, ids=["-".join((m, e[0])) for m, e in TRACED])
@@ -187,7 +189,7 @@ def test_trace_covers_optimizers(method, extra):
         assert_same(evaluate(trace, run), measure(run))
 
 
-def test_trace_keys_tell_optimizers_apart_and_adafactor_goes_direct():
+def test_trace_keys_tell_optimizers_apart():
     from test_trace import sized
 
     from membench.trace import covered, trace_key
@@ -196,5 +198,4 @@ def test_trace_keys_tell_optimizers_apart_and_adafactor_goes_direct():
                 ("train.optimizer=sgd", "train.momentum=0.5"), ("train.optimizer=adafactor",)]
     keys = {trace_key(sized("tiny-llama", "lora", 2, 16, *setting)) for setting in settings}
     assert len(keys) == len(settings)
-    assert "train.optimizer=adafactor is not covered" in covered(sized("tiny-llama", "lora", 2, 16,
-                                                                       "train.optimizer=adafactor"))
+    assert all(covered(sized("tiny-llama", "lora", 2, 16, *setting)) is None for setting in settings)

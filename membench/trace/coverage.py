@@ -21,9 +21,8 @@ METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient che
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # fp16: saved-tensor op attribution differed once (with dropout)
 ATTENTION = ("sdpa", "eager")
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
-#: tests/test_optimizers.py::test_trace_covers_optimizers. Not adafactor: evaluated reserved-memory figures
-#: (fragmentation, segments) differed from direct simulation, its allocated figures did not.
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")
+#: tests/test_optimizers.py::test_trace_covers_optimizers.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
 
 
 def covered(run: RunConfig) -> Optional[str]:
