@@ -25,8 +25,15 @@ MODEL_TASKS = (*TASKS, "auto")
 METHODS = ("full", "lora", "lora_fa")
 ADAPTER_DTYPES = ("fp32", "base")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
+#: Optimizers that come from bitsandbytes (membench.optim), and those with torch's foreach/fused/for_loop choice.
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+IMPLEMENTED_OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
+#: SGD's momentum when train.momentum is left unset: the value of "SGD with momentum" in torchvision's
+#: reference training scripts (references/classification/train.py, --momentum 0.9) and in PyTorch's SGD docs'
+#: example. transformers' Trainer (optim=sgd) leaves torch's 0, which keeps no state: set train.momentum=0.
+DEFAULT_SGD_MOMENTUM = 0.9
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 #: Base-weight quantisation through bitsandbytes (membench.quantization): 4-bit NF4/FP4 (QLoRA) or LLM.int8().
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
@@ -241,21 +248,60 @@ class TrainConfig:
     Attributes:
         precision: fp32; bf16 or fp16 (weights stored in that dtype, half the
             weight bytes of fp32); bf16-autocast (fp32 weights, bf16 matmuls).
-        optimizer: Only AdamW: two fp32-or-param-dtype states per trainable weight.
+        optimizer: adamw (torch: two states shaped like each trainable weight, in its dtype);
+            adamw_8bit (bitsandbytes: uint8 states plus an fp32 absmax per 256-element block;
+            weights under 4096 elements keep fp32 states); paged_adamw_8bit (the same, with the
+            states of weights of at least 1e5 elements in CUDA managed memory, outside the caching
+            allocator: reported as paged_optimizer_state_bytes, not in allocated); adafactor
+            (transformers, with Trainer's optim=adafactor settings: factored second moments, one
+            row and one column vector per matrix, no first moment); sgd (torch, one momentum
+            buffer per trainable weight).
         optimizer_impl: foreach (torch's CUDA default; full-model temporaries in
-            the step), fused (no temporaries) or for_loop (one tensor at a time).
+            the step), fused (no temporaries) or for_loop (one tensor at a time). For adamw
+            and sgd; the other optimizers have one implementation.
         lr: Learning rate; irrelevant to memory, kept for realism.
+        momentum: SGD's momentum; ``null`` = 0.9 with sgd (0 keeps no state). sgd only.
     """
 
     precision: str = "fp32"
     optimizer: str = "adamw"
     optimizer_impl: str = "foreach"
     lr: float = 1e-4
+    momentum: Optional[float] = None  # added after identity version 1: hashed only when set (sgd runs)
 
     def __post_init__(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        default_impl = TrainConfig.optimizer_impl
+        if self.optimizer not in IMPLEMENTED_OPTIMIZERS and self.optimizer_impl != default_impl:
+            raise ConfigError(
+                f"train.optimizer_impl={self.optimizer_impl} chooses torch's AdamW/SGD kernels; "
+                f"train.optimizer={self.optimizer} has one implementation: drop it (train.optimizer_impl applies "
+                f"to {', '.join(IMPLEMENTED_OPTIMIZERS)})"
+            )
+        if self.optimizer == "sgd":
+            if self.momentum is None:
+                self.momentum = DEFAULT_SGD_MOMENTUM
+            if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) \
+                    or not 0.0 <= self.momentum < 1.0:
+                raise ConfigError(f"train.momentum={self.momentum!r} must be a number in [0, 1)")
+        elif self.momentum is not None:
+            raise ConfigError(f"train.momentum={self.momentum!r} applies to train.optimizer=sgd only, "
+                              f"not {self.optimizer}: drop it")
+        if self.optimizer in BITSANDBYTES_OPTIMIZERS:
+            require_bitsandbytes(f"train.optimizer={self.optimizer}")
+
+
+def require_bitsandbytes(what: str) -> None:
+    """Raise ConfigError unless bitsandbytes imports (costs its import, about 2 s, once per process)."""
+    import importlib
+
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError as error:
+        raise ConfigError(f"{what} needs bitsandbytes, which cannot be imported here ({error}); install it "
+                          f"(pip install bitsandbytes) or choose train.optimizer=adamw, adafactor or sgd") from None
 
 
 @dataclass
@@ -357,6 +403,11 @@ class RunConfig:
             from membench.quantization import check_compute_dtype
 
             check_compute_dtype(self.model, self.train.precision)
+        if self.method.lorafa_optimizer and self.train.optimizer != "adamw":
+            raise ConfigError(
+                f"method.lorafa_optimizer=true is PEFT's own AdamW (create_lorafa_optimizer); "
+                f"train.optimizer={self.train.optimizer} would be ignored: drop one of them"
+            )
         if self.method.lorafa_optimizer and self.train.optimizer_impl == "fused":
             raise ConfigError(
                 "method.lorafa_optimizer=true uses PEFT's own AdamW, which has no fused kernel; "

@@ -23,7 +23,7 @@ from membench.config import RunConfig
 from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, run_id
 from membench.methods import apply_method, autocast_dtype, weight_dtype
 from membench.models import build_model
-from membench.optim import build_optimizer
+from membench.optim import build_optimizer, replaces_state_each_step
 from membench.plan import Plan, plan
 from membench.quantization import model_tensors, prepare_for_kbit_training, quantize_base
 from membench.results import Result, Status, provenance
@@ -83,15 +83,16 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
 
 def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
     """(full warm-up steps to run, whether to prime the optimizer state instead)."""
-    primed = backend.primes_optimizer and run.workload.warmup_steps > 0
-    return (0 if backend.primes_optimizer else run.workload.warmup_steps), primed
+    primes = backend.primes_optimizer and not replaces_state_each_step(run.train)
+    primed = primes and run.workload.warmup_steps > 0
+    return (0 if primes else run.workload.warmup_steps), primed
 
 
 def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
     model, batch = build(the_plan, backend)
     with backend.session([*model_tensors(model), *batch.values()]):
-        optimizer = build_optimizer(model, run.method, run.train)
+        optimizer = build_optimizer(model, run.method, run.train, backend)
         loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
         warmup_steps, primed = warmup(run, backend)
         if primed:

@@ -7,6 +7,9 @@ backend's peak is reset at the phase start). The figures, all integer bytes:
 * ``weight_bytes``: parameters + buffers (+ a quantised base's absmax and code tables), once per
   storage, allocator-rounded.
 * ``optimizer_state_bytes``: what the first ``optimizer.step()`` adds.
+* ``paged_optimizer_state_bytes``: a paged bitsandbytes optimizer's state in CUDA managed memory,
+  outside the caching allocator, so in neither ``optimizer_state_bytes`` nor any peak; 0 for
+  other optimizers (:func:`membench.optim.paged_state_bytes`).
 * ``gradient_bytes``: the ``.grad`` storages of trainable weights after backward.
 * ``activation_bytes``: allocated after forward minus before forward.
 * ``saved_tensor_bytes``: unique storages autograd packed, parameters excluded.
@@ -35,6 +38,7 @@ from membench.backends.base import Backend
 from membench.allocator import allocator_bytes, storage_key
 from membench.compat import adamw_host_step_counters
 from membench.quantization import logical_numel, model_tensors
+from membench.optim import paged_state_bytes
 from membench.saved_tensors import SavedTensorCounter
 
 @dataclass
@@ -45,6 +49,7 @@ class Metrics:
     trainable_params: int = 0
     weight_bytes: int = 0
     optimizer_state_bytes: Optional[int] = None
+    paged_optimizer_state_bytes: Optional[int] = None  # managed memory, outside allocated (paged optimizers)
     gradient_bytes: Optional[int] = None
     activation_bytes: Optional[int] = None
     saved_tensor_bytes: Optional[int] = None
@@ -176,6 +181,7 @@ class MeasuredLoop:
     def _record_optimizer_state(self, before_update: int) -> None:
         self.backend.host_resident(adamw_host_step_counters(self.optimizer))
         self.metrics.optimizer_state_bytes = self.backend.allocated() - before_update
+        self.metrics.paged_optimizer_state_bytes = paged_state_bytes(self.optimizer)
         self.metrics.phase_allocated_bytes["optimizer_state"] = self.backend.allocated()
 
     def prime_optimizer(self) -> None:

@@ -28,6 +28,9 @@ def describe_config(config: dict) -> str:
     if method["kind"] != "full":
         parts.append(f"r={method['rank']}")
     parts += [f"bs={workload['batch_size']}", f"seq={workload['seq_len']}", config["train"]["precision"]]
+    optimizer = config["train"].get("optimizer", "adamw")
+    if optimizer != "adamw":
+        parts.append(optimizer)
     return " ".join(parts)
 
 
@@ -77,6 +80,9 @@ def summarize(result: Result) -> str:
     timing = f"{m['step_time_s'] * 1000:.0f} ms/step" if m.get("step_time_s") else "no step time (simulated)"
     kept = sum((m.get("ctx_kept_bytes_by_function") or {}).values())
     kept_clause = f" + kept by autograd functions' ctx {amount(kept, size)}" if kept else ""
+    paged = m.get("paged_optimizer_state_bytes")
+    if paged is not None and result.config["train"].get("optimizer", "").startswith("paged_"):  # in no peak
+        breakdown += f"; paged optimizer state {amount(paged, size)} in managed memory, outside the peak"
     figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{reserved_clause(m, result.env)} ({breakdown}; "
                f"saved for backward {amount(m['saved_tensor_bytes'], size)}{kept_clause}), {timing}")
     status = result.status

@@ -27,7 +27,7 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 12
+    assert len(compat.CHECKS) == 13
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
@@ -471,3 +471,65 @@ def test_quantising_on_meta_leaves_bitsandbytes_able_to_quantise_for_real():
     with pytest.raises(NotImplementedError, match="meta"):
         bnb.nn.Params4bit(torch.randn(64, 64), quant_type="nf4", compress_statistics=True).to("cpu")
     compat.quantization_maps_off_meta()
+
+
+# --- bitsandbytes_optimizer_as_on_cuda ---------------------------------------------------------------------
+
+def test_eight_bit_layout_is_what_bitsandbytes_does():
+    """The sizes read from bitsandbytes' source are the ones its optimizer allocates with (real CPU step)."""
+    from bitsandbytes.optim import AdamW8bit
+
+    layout = compat.eight_bit_layout()
+    large, small = nn.Parameter(torch.zeros(layout.min_8bit_size + 1)), nn.Parameter(torch.zeros(3))
+    optimizer = AdamW8bit([large, small])
+    for weight in (large, small):
+        weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    state = optimizer.state[large]
+    assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+    assert state["absmax1"].numel() == -(-large.numel() // layout.blocksize)  # one per started block
+    assert state["qmap1"].numel() == state["qmap2"].numel() == layout.qmap_numel
+    assert optimizer.state[small]["state1"].dtype == torch.float32  # below min_8bit_size
+    assert layout.paged_min_numel > layout.min_8bit_size
+
+
+def test_eight_bit_layout_refuses_a_changed_source(monkeypatch):
+    from bitsandbytes.optim.optimizer import Optimizer2State
+
+    monkeypatch.setattr(Optimizer2State, "init_state", lambda self, group, p, gindex, pindex: None)
+    with pytest.raises(CompatError, match=loud("bitsandbytes", installed_version("bitsandbytes"),
+                                               "init_state", need="quantisation maps")):
+        compat.eight_bit_layout()
+
+
+def test_bitsandbytes_optimizer_as_on_cuda_keeps_maps_on_the_host_and_pages_large_state():
+    """Maps built untracked and copied at the first step; the buffers CUDA pages are made off the device."""
+    from bitsandbytes.optim import PagedAdamW8bit
+
+    from membench.allocator import allocator_bytes
+    from membench.backends.tracker import AllocationTracker
+
+    layout = compat.eight_bit_layout()
+    paged, plain = nn.Parameter(torch.zeros(layout.paged_min_numel)), nn.Parameter(torch.zeros(layout.min_8bit_size))
+    for weight in (paged, plain):
+        weight.grad = torch.ones_like(weight)
+    tracker = AllocationTracker("cpu")
+    for tensor in (paged, plain, paged.grad, plain.grad):  # as a backend's session counts what predates it
+        tracker.track(tensor)
+    before = tracker.allocated
+    with tracker:
+        optimizer = compat.bitsandbytes_optimizer_as_on_cuda(lambda: PagedAdamW8bit([paged, plain]),
+                                                             tracker.off_device)
+        assert tracker.allocated == before  # the maps live on the host
+        optimizer.step()
+    qmap = optimizer.state[paged]["qmap1"]
+    assert isinstance(qmap, torch.Tensor) and qmap is optimizer.state[plain]["qmap1"]  # one device copy, shared
+
+    def absmax(weight):  # one fp32 value per started block, for each of the two states
+        return 2 * allocator_bytes(4 * -(-weight.numel() // layout.blocksize))
+
+    maps = 2 * allocator_bytes(4 * layout.qmap_numel)
+    assert tracker.allocated - before == maps + absmax(paged) + absmax(plain) + 2 * allocator_bytes(plain.numel())
+    found = compat.paged_state_tensors(optimizer)
+    assert {id(t) for t in found} == {id(optimizer.state[paged]["state1"]), id(optimizer.state[paged]["state2"])}
+    assert compat.paged_state_tensors(torch.optim.SGD([plain])) is None

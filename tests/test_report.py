@@ -287,3 +287,20 @@ def test_reserved_columns_and_verdict_and_old_results_without_them(sweep_dir, tm
     assert verdict.reserved_effect(old_frame).startswith("No ")  # says there is nothing to compare
     assert set(tables.breakdown_table(old_frame)["fragmentation"]) == {"—"}
     assert set(verdict.verdict_table(old_frame)["LoRA/LoRA-FA reserved"]) == {"—"}
+
+
+def test_a_paged_optimizer_gets_its_column_and_its_setting(sweep_dir, tmp_path):
+    """Runs with another optimizer are another setting; the paged column appears only where a run pages."""
+    frame, _ = load_results(sweep_dir)
+    assert set(frame["optimizer"]) == {"adamw"}
+    assert "paged optimizer" not in tables.breakdown_table(frame).columns  # every run pages 0 bytes
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    paged = measure(tiny("tiny-llama", "full", "train.optimizer=paged_adamw_8bit", "model.hf_config.vocab_size=2000",
+                         backend="simulate"))
+    write_result(paged, runs)
+    mixed, _ = load_results(tmp_path)
+    breakdown = tables.breakdown_table(mixed)
+    assert "peak (MiB)" in breakdown.columns
+    assert breakdown["paged optimizer"].iloc[0] == f"{paged.metrics['paged_optimizer_state_bytes'] / (1 << 20):.2f}"
+    assert tables.setting_label(mixed.iloc[0]).endswith("paged_adamw_8bit")

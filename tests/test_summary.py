@@ -53,3 +53,12 @@ def test_ctx_kept_bytes_are_named_beside_the_saved_ones():
     metrics = {**METRICS, "ctx_kept_bytes_by_function": {"MatMul8bitLtBackward": 1 << 30}}
     line = summarize(Result("id", CONFIG, Status(), metrics, ENV))
     assert "saved for backward 4.00 + kept by autograd functions' ctx 1.00)" in line
+
+
+def test_a_paged_optimizer_shows_its_managed_memory_beside_the_peak():
+    config = {**CONFIG, "train": {"precision": "bf16", "optimizer": "paged_adamw_8bit"}}
+    line = summarize(Result("id", config, Status(), {**METRICS, "paged_optimizer_state_bytes": 1 << 29}, ENV))
+    assert line.startswith("llama-7b lora_fa r=64 bs=16 seq=512 bf16 paged_adamw_8bit [cuda")
+    assert ("optimizer 1.00 + activations 5.00; paged optimizer state 0.50 in managed memory, outside the peak; "
+            "saved for backward 4.00") in line
+    assert "paged" not in summarize(Result("id", CONFIG, Status(), {**METRICS, "paged_optimizer_state_bytes": 0}, ENV))

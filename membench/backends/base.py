@@ -82,6 +82,14 @@ class Backend(ABC):
     def host_resident(self, tensors: list[torch.Tensor]) -> None:
         """Mark tensors that CUDA keeps in host memory (AdamW step counters), so they are not counted."""
 
+    def off_device(self) -> Optional[ContextManager[None]]:
+        """A context in which new tensors model CUDA managed memory (outside the caching allocator, not counted).
+
+        None (here, and on ``cuda``): the device is real, and a library that allocates managed
+        memory (bitsandbytes' paged optimizers) does so itself.
+        """
+        return None
+
     def before_first_step(self) -> None:
         """Hook for memory the runtime takes on the first step (simulate adds cuBLAS workspaces)."""
 

@@ -48,6 +48,7 @@ class AllocationTracker(TorchDispatchMode):
         self._live: dict[int, int] = {}
         self._origin: dict[int, OpOverload] = {}  # live storage -> the op that made it
         self._forgotten: set[int] = set()  # untracked early; their finalizers must do nothing
+        self._off_device = False  # while True, new storages are made outside the modelled allocator
         self.allocated = 0
         self.peak = 0
         self.events: Optional[list[tuple]] = None
@@ -76,12 +77,10 @@ class AllocationTracker(TorchDispatchMode):
         Args:
             func: The op whose output ``tensor`` is; None for tensors made before tracking.
         """
-        if tensor.device.type != self.device_type:
-            return  # e.g. AdamW's per-parameter step counters, which live on the host
-        storage = tensor.untyped_storage()
-        key = storage_id(storage)
-        if key in self._live or key in self._forgotten:
+        new = self.new_storage(tensor)
+        if new is None:
             return
+        storage, key = new
         nbytes = storage.nbytes()
         size = allocator_bytes(nbytes)
         self._live[key] = size
@@ -97,6 +96,24 @@ class AllocationTracker(TorchDispatchMode):
             self.peak = self.allocated
         when_storage_freed(storage, self._release, key)
 
+    def new_storage(self, tensor: torch.Tensor) -> Optional[tuple[torch.UntypedStorage, int]]:
+        """(storage, key) of ``tensor`` when :meth:`track` must count it now; None when not.
+
+        Not: another device type (e.g. AdamW's per-parameter step counters, which live on the host), a
+        storage already counted or forgotten, or one made inside :meth:`off_device` (remembered as forgotten).
+        """
+        if tensor.device.type != self.device_type:
+            return None
+        storage = tensor.untyped_storage()
+        key = storage_id(storage)
+        if key in self._live or key in self._forgotten:
+            return None
+        if self._off_device:
+            self._forgotten.add(key)
+            when_storage_freed(storage, self._release, key)
+            return None
+        return storage, key
+
     def forget(self, tensor: torch.Tensor) -> None:
         """Stop counting ``tensor``'s storage now: it lives off the device being modelled."""
         key = storage_key(tensor)
@@ -107,6 +124,18 @@ class AllocationTracker(TorchDispatchMode):
             self._origin.pop(key, None)
             if self.events is not None:
                 self.events.append((FREE, key))
+
+    @contextlib.contextmanager
+    def off_device(self) -> Iterator[None]:
+        """Storages first seen while active live outside the caching allocator: never counted, never logged.
+
+        For memory CUDA allocates elsewhere, e.g. bitsandbytes' paged optimizer state (``cudaMallocManaged``).
+        """
+        self._off_device = True
+        try:
+            yield
+        finally:
+            self._off_device = False
 
     def origin(self, storage: torch.UntypedStorage) -> Optional[OpOverload]:
         """The op that made the live ``storage``; None if it predates tracking or lives off the device."""
@@ -171,6 +200,9 @@ class TrackedBackend(Backend):
     def host_resident(self, tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:
             self.tracker.forget(tensor)
+
+    def off_device(self) -> contextlib.AbstractContextManager[None]:
+        return self.tracker.off_device()
 
     def allocated(self) -> int:
         return self.tracker.allocated

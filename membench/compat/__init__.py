@@ -34,8 +34,14 @@ One module per upstream package and concern; patches for other packages
   ``Params4bit`` / ``Int8Params`` as fake tensors, through ``FakeTensor``'s
   private constructor) and :func:`quantization_maps_off_meta` (its cached
   blockwise code table, kept off ``meta``).
+* ``bitsandbytes_optim``: :func:`bitsandbytes_optimizer_as_on_cuda` builds an 8-bit optimizer on a
+  tracked backend with its quantisation maps on the host and its paged state off the modelled device,
+  as on CUDA; :func:`eight_bit_layout` reads the sizes that decide its state from bitsandbytes' source;
+  :func:`paged_state_tensors` finds its managed-memory state.
 * ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
   check) and :func:`enable_activation_checkpointing` (a renamed method).
+
+bitsandbytes is imported only when an entry of its own is used or checked.
 
 Hydra needs no entry: the sweeper uses only its public API.
 """
@@ -49,6 +55,13 @@ from membench.compat.bitsandbytes_params import (
     check_fake_quantized_parameters,
     fake_quantized_parameter,
     quantization_maps_off_meta,
+)
+from membench.compat.bitsandbytes_optim import (
+    EightBitLayout,
+    bitsandbytes_optimizer_as_on_cuda,
+    check_bitsandbytes_optimizers,
+    eight_bit_layout,
+    paged_state_tensors,
 )
 from membench.compat.torch_attention import (
     check_dropout_and_sdpa_routing,
@@ -102,6 +115,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "checked_autograd_node_functions": checked_autograd_node_functions,
     "fake_quantized_parameter": check_fake_quantized_parameters,
     "quantization_maps_off_meta": quantization_maps_off_meta,
+    "bitsandbytes_optimizer_as_on_cuda": check_bitsandbytes_optimizers,
 }
 
 
@@ -119,7 +133,8 @@ def check_all() -> list[str]:
 
 
 __all__ = [
-    "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
+    "CHECKS", "CompatError", "EightBitLayout", "FakeTensorMode", "bitsandbytes_optimizer_as_on_cuda",
+    "eight_bit_layout", "paged_state_tensors", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
     "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter", "quantization_maps_off_meta",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",

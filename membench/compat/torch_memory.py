@@ -16,7 +16,7 @@ from membench.compat._checks import incompatible, parameter_names, require
 
 try:  # documented by torch, but only under these private paths
     from torch._ops import OpOverload
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 except ImportError as _missing:
     raise incompatible("torch", f"cannot import {_missing.name or _missing}",

@@ -17,11 +17,11 @@ import pandas as pd
 from membench.results import Result, ResultFileError, read_result
 
 BYTE_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "fragmentation_bytes", "weight_bytes", "gradient_bytes",
-                "optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes", "runtime_overhead_bytes",
+                "optimizer_state_bytes", "paged_optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes", "runtime_overhead_bytes",
                 "device_total_memory_bytes")
 #: Columns that identify a workload apart from the method; runs equal on these are compared.
 SETTING = ("model", "precision", "batch_size", "seq_len", "target_len", "attn_implementation",
-           "optimizer_impl", "backend", "device_name")
+           "optimizer", "optimizer_impl", "backend", "device_name")
 #: What distinguishes adapter configurations (None for full fine-tuning).
 ADAPTER = ("rank", "alpha", "adapter_dtype", "lora_dropout", "target_modules")
 
@@ -60,7 +60,8 @@ def row(result: Result, path: Path) -> dict:
         "lora_dropout": method.get("lora_dropout") if method["kind"] != "full" else None,
         "target_modules": ",".join(targets) if targets and method["kind"] != "full" else None,
         "batch_size": workload["batch_size"], "seq_len": workload["seq_len"], "target_len": workload.get("target_len"),
-        "precision": train["precision"], "optimizer_impl": train.get("optimizer_impl"),
+        "precision": train["precision"], "optimizer": train.get("optimizer", "adamw"),
+        "optimizer_impl": train.get("optimizer_impl"),
         "backend": env.get("backend"), "device_name": env.get("device_name"),
         "device_total_memory_bytes": env.get("device_total_memory_bytes"),
         "status": result.status.state, "phase": result.status.phase,

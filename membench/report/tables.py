@@ -29,6 +29,9 @@ def setting_label(row) -> str:
         parts.append(f"dropout {row['lora_dropout']:g}")
     if row.get("adapter_dtype") == "base" and row["precision"] not in ("fp32", "bf16-autocast"):
         parts.append(f"{row['precision']} adapters")
+    optimizer = row.get("optimizer")
+    if isinstance(optimizer, str) and optimizer != "adamw":
+        parts.append(optimizer)
     return " ".join(parts)
 
 
@@ -65,6 +68,7 @@ def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
 def breakdown_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Every run: peak and where it goes (weights, gradients, optimizer state, activations, saved tensors)."""
     name, size = unit(frame)
+    paged = "paged_optimizer_state_bytes" in frame and frame["paged_optimizer_state_bytes"].fillna(0).gt(0).any()
     rows = []
     for _, run in frame.iterrows():
         rows.append({
@@ -76,6 +80,8 @@ def breakdown_table(frame: pd.DataFrame) -> pd.DataFrame:
             "fragmentation": gib(run.get("fragmentation_bytes"), size),
             "weights": gib(run.get("weight_bytes"), size), "gradients": gib(run.get("gradient_bytes"), size),
             "optimizer": gib(run.get("optimizer_state_bytes"), size),
+            # A paged optimizer's state in CUDA managed memory: outside the peak (column only where a run has it)
+            **({"paged optimizer": gib(run.get("paged_optimizer_state_bytes"), size)} if paged else {}),
             "activations": gib(run.get("activation_bytes"), size),
             "saved for backward": gib(run.get("saved_tensor_bytes"), size),
             "step (ms)": "—" if pd.isna(run.get("step_time_s")) else f"{run['step_time_s'] * 1000:.0f}",

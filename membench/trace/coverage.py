@@ -21,6 +21,8 @@ METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient che
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # fp16: saved-tensor op attribution differed once (with dropout)
 ATTENTION = ("sdpa", "eager")
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
+#: tests/test_optimizers.py::test_trace_covers_optimizers.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
 
 
 def covered(run: RunConfig) -> Optional[str]:
@@ -76,6 +78,8 @@ def covered(run: RunConfig) -> Optional[str]:
         return f"method.kind={run.method.kind} is not covered"
     if run.train.precision not in PRECISIONS:
         return f"train.precision={run.train.precision} is not covered"
+    if run.train.optimizer not in OPTIMIZERS:
+        return f"train.optimizer={run.train.optimizer} is not covered ({', '.join(OPTIMIZERS)} are)"
     if run.train.optimizer_impl not in OPTIMIZER_IMPLS:
         return f"train.optimizer_impl={run.train.optimizer_impl} is not covered"
     return None

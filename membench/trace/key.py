@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from membench.config import RunConfig
+from membench.compat import installed_version
+from membench.config import BITSANDBYTES_OPTIMIZERS, RunConfig
 from membench.devices import device_profile
 from membench.identity import recorded_config
 
@@ -58,9 +59,12 @@ def key_fields(run: RunConfig) -> dict:
         config["workload"].pop(name, None)
     for name in HOW_NOT_WHAT + DEVICE_FIELDS:
         config["backend"].pop(name, None)
-    return {"config": config, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "trace_format": TRACE_FORMAT_VERSION, "membench_code": code_digest(),
-            "fake_device": fake_device(run), "workspace_bytes": device_profile(run.backend).runtime_overhead_bytes}
+    fields = {"config": config, "torch": torch.__version__, "transformers": transformers.__version__,
+              "peft": peft.__version__, "trace_format": TRACE_FORMAT_VERSION, "membench_code": code_digest(),
+              "fake_device": fake_device(run), "workspace_bytes": device_profile(run.backend).runtime_overhead_bytes}
+    if run.train.optimizer in BITSANDBYTES_OPTIMIZERS:  # its optimizer code decides the state (other runs' keys unchanged)
+        fields["bitsandbytes"] = installed_version("bitsandbytes")
+    return fields
 
 
 def trace_key(run: RunConfig) -> str:

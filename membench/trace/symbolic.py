@@ -96,12 +96,10 @@ class SymbolicTracker(AllocationTracker):
     """The allocator model, logging each storage's symbolic size and counting its hint."""
 
     def track(self, tensor: torch.Tensor, func=None) -> None:
-        if tensor.device.type != self.device_type:
+        new = self.new_storage(tensor)
+        if new is None:
             return
-        storage = tensor.untyped_storage()
-        key = storage_id(storage)
-        if key in self._live or key in self._forgotten:
-            return
+        storage, key = new
         nbytes = storage.nbytes()  # a SymInt: logged as is, never compared
         size = allocator_bytes(hint(nbytes))
         self._live[key] = size
