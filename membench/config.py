@@ -46,7 +46,8 @@ FAKE_DEVICES = ("auto", "cuda", "cpu")
 TRACE_MODES = ("auto", "off")
 #: Method keys that only mean something with adapters; MethodConfig rejects them for kind=full,
 #: so sweeps and maxfit, which pair one command line with several methods, drop them there.
-ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout")
+ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout",
+                     "method.target_parameters", "method.dora")
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -155,6 +156,9 @@ class MethodConfig:
             fp32, one extra fp32 copy of X per adapted layer in plain LoRA) or ``base``.
         lorafa_optimizer: Use PEFT's ``create_lorafa_optimizer`` (AdamW with the
             LoRA-FA gradient correction for B). Costs time, not activations.
+        target_parameters: Parameters (not modules) LoRA adapts through PEFT's ``target_parameters``:
+            ``null`` = every fused MoE expert weight (``experts.gate_up_proj``, ``experts.down_proj``)
+            when the model has them and the installed PEFT supports it; ``[]`` = none.
         dora: Weight-decomposed LoRA (PEFT's ``use_dora=True``): a trainable magnitude vector
             per adapted layer; forward also computes the weight's column norms and keeps more
             for backward (see the report's DoRA section).
@@ -170,12 +174,16 @@ class MethodConfig:
     adapter_dtype: str = "fp32"
     lorafa_optimizer: bool = False
     dora: bool = False  # added after identity version 1: hashed only when set
+    target_parameters: Optional[list[str]] = None  # likewise; null = a MoE model's fused expert weights
 
     def __post_init__(self) -> None:
         check_choice("method.kind", self.kind, METHODS)
         if self.kind == "full" and self.dora:
             raise ConfigError("method.dora=true decomposes LoRA adapters; method.kind=full has none: "
                               "pick method=dora (or method.kind=lora)")
+        if self.target_parameters is not None:
+            self.target_parameters = [self.target_parameters] if isinstance(self.target_parameters, str) \
+                else list(self.target_parameters)
         if isinstance(self.target_modules, str):  # PEFT's spelling: one name or "all-linear"
             self.target_modules = [self.target_modules]
         elif self.target_modules is not None:
@@ -190,6 +198,9 @@ class MethodConfig:
                     )
             if self.lora_dropout:
                 raise ConfigError(f"method.lora_dropout={self.lora_dropout} has no effect with method.kind=full")
+            if self.target_parameters:
+                raise ConfigError(f"method.target_parameters={self.target_parameters} has no effect with "
+                                  "method.kind=full (every weight trains)")
             return
         if self.rank is None:
             raise ConfigError(f"method.kind={self.kind} needs method.rank (a positive integer)")

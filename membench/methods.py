@@ -33,8 +33,16 @@ def autocast_dtype(train: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if train.precision == "bf16-autocast" else None
 
 
+def supports_target_parameters() -> bool:
+    """Whether the installed PEFT adapts parameters as well as modules (``LoraConfig.target_parameters``, 0.17+)."""
+    import dataclasses
+
+    return "target_parameters" in {f.name for f in dataclasses.fields(LoraConfig)}
+
+
 def apply_method(
-    model: nn.Module, method: MethodConfig, task: str, targets: list[str], excludes: list[str], base_dtype: torch.dtype
+    model: nn.Module, method: MethodConfig, task: str, targets: list[str], excludes: list[str], base_dtype: torch.dtype,
+    target_parameters: tuple[str, ...] | list[str] = (),
 ) -> nn.Module:
     """Return ``model`` set up for ``method``: PEFT-wrapped for LoRA kinds, all trainable for full.
 
@@ -55,6 +63,8 @@ def apply_method(
         exclude_modules=excludes or None,
         task_type=PEFT_TASKS[task],
         use_dora=method.dora,
+        # MoE experts stored as fused 3-D parameters (no Linear to wrap): PEFT's ParamWrapper adapts them.
+        **({"target_parameters": list(target_parameters)} if target_parameters else {}),
     )
     # autocast_adapter_dtype=True is PEFT's default: fp32 adapters on a bf16/fp16 base.
     peft_model = get_peft_model(model, lora, autocast_adapter_dtype=method.adapter_dtype == "fp32")

@@ -49,16 +49,42 @@ class Plan:
     model: ModelConfig = None  # type: ignore[assignment]
     #: What was resolved and why, for the result's env.
     resolution: dict = field(default_factory=dict)
-    #: Weights the method would adapt but cannot (MoE experts stored as fused parameters).
+    #: Weights the method would adapt but cannot (MoE experts stored as fused parameters, where the
+    #: installed PEFT has no ``target_parameters`` or ``method.target_parameters=[]``).
     not_adapted: list[str] = field(default_factory=list)
+    #: Parameters adapted through PEFT's ``target_parameters`` (fused MoE experts).
+    target_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = self.run.model
 
 
+def resolve_target_parameters(run: RunConfig, meta_model: nn.Module) -> tuple[list[str], list[str]]:
+    """(parameters PEFT adapts via ``target_parameters``, fused expert weights left unadapted).
+
+    Raises:
+        ConfigError: a ``method.target_parameters`` entry names no parameter, or PEFT lacks the feature.
+    """
+    from membench.methods import supports_target_parameters
+
+    fused = fused_expert_parameters(meta_model)
+    wanted = fused if run.method.target_parameters is None else run.method.target_parameters
+    names = [name for name, _ in meta_model.named_parameters()]
+    for key in wanted:
+        if not any(name == key or name.endswith("." + key) for name in names):
+            raise ConfigError(f"method.target_parameters entry {key!r} names no parameter of this model; "
+                              f"fused expert weights here: {', '.join(fused) or 'none'}")
+    if wanted and not supports_target_parameters():
+        if run.method.target_parameters:
+            raise ConfigError(f"method.target_parameters={wanted} needs PEFT >= 0.17 (LoraConfig.target_parameters); "
+                              "upgrade PEFT or drop it")
+        return [], fused
+    return list(wanted), [key for key in fused if key not in wanted]
+
+
 def check_dora_layers(run: RunConfig, model: ModelConfig, hf_config: PretrainedConfig, targets: list[str],
-                      excludes: list[str]) -> None:
+                      excludes: list[str], target_parameters: list[str] = ()) -> None:
     """Ask PEFT itself, on a throwaway meta model, whether its DoRA supports every layer the targets select.
 
     Raises:
@@ -73,12 +99,13 @@ def check_dora_layers(run: RunConfig, model: ModelConfig, hf_config: PretrainedC
         meta = quantize_base(meta, run.model, run.train.precision, torch.device("meta"))
     try:
         with torch.device("meta"):
-            apply_method(meta, run.method, model.task, targets, excludes, weight_dtype(run.train))
+            apply_method(meta, run.method, model.task, targets, excludes, weight_dtype(run.train), target_parameters)
     except ValueError as error:
         raise ConfigError(
             f"method.dora=true: PEFT's DoRA does not support a layer method.target_modules={targets} selects "
             f"({error}); DoRA supports Linear (and transformers' Conv1D), bitsandbytes' 4-bit and 8-bit Linear, "
-            "Embedding and Conv layers: pick other targets or method.dora=false"
+            "Embedding and Conv layers, not parameters adapted through target_parameters (fused MoE experts: "
+            "method.target_parameters=[] leaves them out): pick other targets or method.dora=false"
         ) from error
 
 
@@ -107,7 +134,7 @@ def plan(run: RunConfig) -> Plan:
             f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path / "
             f"model.id): {error}"
         ) from error
-    targets, excludes, adapted, not_adapted = [], [], [], []
+    targets, excludes, adapted, not_adapted, target_parameters = [], [], [], [], []
     if run.method.uses_adapters:
         targets = run.method.target_modules or default_targets(run.model, hf_config, meta_model)
         excludes = default_excludes(run.model, hf_config, meta_model)
@@ -115,7 +142,8 @@ def plan(run: RunConfig) -> Plan:
             targets, excludes = all_linear_targets(meta_model)
         adapted = adapted_layers(meta_model, targets, excludes)
         check_rank(run.method.rank, adapted)
-        not_adapted = fused_expert_parameters(meta_model)
+        target_parameters, not_adapted = resolve_target_parameters(run, meta_model)
         if run.method.dora:
-            check_dora_layers(run, model, hf_config, targets, excludes)
-    return Plan(run, hf_config, meta_model, list(targets), list(excludes), adapted, model, resolution, not_adapted)
+            check_dora_layers(run, model, hf_config, targets, excludes, target_parameters)
+    return Plan(run, hf_config, meta_model, list(targets), list(excludes), adapted, model, resolution, not_adapted,
+                target_parameters)

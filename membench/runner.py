@@ -69,7 +69,8 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
             if run.model.prepare_kbit_training:
                 model = prepare_for_kbit_training(model)
         with torch.device(device):  # PEFT creates adapters on the default device, then moves them
-            return apply_method(model, run.method, the_plan.model.task, the_plan.targets, the_plan.excludes, dtype)
+            return apply_method(model, run.method, the_plan.model.task, the_plan.targets, the_plan.excludes, dtype,
+                                the_plan.target_parameters)
 
     torch.manual_seed(run.workload.seed)
     model = backend.build(factory)
@@ -165,6 +166,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
            **{f"resolved_{key}" if key in ("task", "attn_implementation") else key: value
               for key, value in the_plan.resolution.items()},
            **({"not_adapted": the_plan.not_adapted} if the_plan.not_adapted else {}),
+           **({"target_parameters": the_plan.target_parameters} if the_plan.target_parameters else {}),
            "warmup_steps_run": warmup_steps, "optimizer_primed": primed,
            "wall_time_s": round(time.perf_counter() - started, 3)}
     return Result(the_run_id, config, status, dataclasses.asdict(metrics), env)
