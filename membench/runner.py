@@ -24,6 +24,8 @@ from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, 
 from membench.methods import apply_method, autocast_dtype, weight_dtype
 from membench.models import build_model
 from membench.optim import build_optimizer
+from membench.parallel import local_tensor, parallelizer, process_group
+from membench.parallel.figures import shard_figures
 from membench.plan import Plan, plan
 from membench.results import Result, Status, provenance
 from membench.step import MeasuredLoop, Metrics, Progress
@@ -54,8 +56,9 @@ def tokens_per_step(run: RunConfig, task: Optional[str] = None) -> int:
     return workload.batch_size * (workload.seq_len + decoder)
 
 
-def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The model (method applied, in train mode) and one synthetic batch, on ``backend``'s device."""
+def build(the_plan: Plan, backend: Backend, mesh=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model (method applied, wrapped for ``run.parallel`` on ``mesh``, in train mode) and one
+    synthetic batch, on ``backend``'s device."""
     run = the_plan.run
     dtype = weight_dtype(run.train)
 
@@ -67,7 +70,7 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
             return apply_method(model, run.method, the_plan.model.task, the_plan.targets, the_plan.excludes, dtype)
 
     torch.manual_seed(run.workload.seed)
-    model = backend.build(factory)
+    model = backend.build(factory, parallelizer(run.parallel, mesh))
     model.train()
     moved: dict[int, torch.Tensor] = {}  # causal LMs use input_ids as labels: one copy, as a script would
     batch = {}
@@ -77,17 +80,34 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
 
 
 def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
-    """(full warm-up steps to run, whether to prime the optimizer state instead)."""
+    """(full warm-up steps to run, whether to prime the optimizer state instead).
+
+    A parallel run never primes: FSDP2 and DDP initialise lazily in the first forward and backward
+    (gather buffers, DDP's buckets), so one real step is what reaches their steady state; a
+    backend that may prime runs that one step instead of all the warm-up steps.
+    """
+    if run.parallel.enabled and backend.primes_optimizer:
+        return min(run.workload.warmup_steps, 1), False
     primed = backend.primes_optimizer and run.workload.warmup_steps > 0
     return (0 if backend.primes_optimizer else run.workload.warmup_steps), primed
 
 
 def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
-    model, batch = build(the_plan, backend)
-    with backend.session([*model.parameters(), *model.buffers(), *batch.values()]):
+    with process_group(run.parallel, backend.device, getattr(backend, "rank", 0)) as mesh:
+        return _measure_on(the_plan, backend, progress, mesh)
+
+
+def _measure_on(the_plan: Plan, backend: Backend, progress: Progress, mesh) -> Metrics:
+    run = the_plan.run
+    model, batch = build(the_plan, backend, mesh)
+    existing = [*model.parameters(), *model.buffers(), *batch.values()]
+    with backend.session([local_tensor(tensor) for tensor in existing]):
         optimizer = build_optimizer(model, run.method, run.train)
-        loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
+        sharded = run.parallel.strategy == "fsdp2"
+        loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress, sharded)
+        for key, value in shard_figures(model, run.parallel.world_size).items():
+            setattr(loop.metrics, key, value)
         warmup_steps, primed = warmup(run, backend)
         if primed:
             loop.prime_optimizer()

@@ -28,7 +28,15 @@ def describe_config(config: dict) -> str:
     if method["kind"] != "full":
         parts.append(f"r={method['rank']}")
     parts += [f"bs={workload['batch_size']}", f"seq={workload['seq_len']}", config["train"]["precision"]]
+    parallel = config.get("parallel") or {}
+    if parallel.get("strategy", "none") != "none":
+        parts.append(f"{parallel['strategy']}x{parallel['world_size']}")
     return " ".join(parts)
+
+
+def per_gpu(config: dict) -> str:
+    """`` per GPU`` for a run over several ranks (its figures are rank 0's), else empty."""
+    return " per GPU" if (config.get("parallel") or {}).get("world_size", 1) > 1 else ""
 
 
 def headline(result: Result) -> str:
@@ -39,7 +47,7 @@ def headline(result: Result) -> str:
     if state == "error":
         message = (result.status.message or "").splitlines()[0] if result.status.message else ""
         return f"{describe_config(result.config)} → ERROR in {result.status.phase}: {message}"
-    figure = f"peak {amount(peak, size)} {unit}"
+    figure = f"peak {amount(peak, size)} {unit}{per_gpu(result.config)}"
     return f"{describe_config(result.config)} → {'OOM, ' if state == 'oom' else ''}{figure}"
 
 
@@ -75,7 +83,10 @@ def summarize(result: Result) -> str:
         f"optimizer {amount(m['optimizer_state_bytes'], size)} + activations {amount(m['activation_bytes'], size)}"
     )
     timing = f"{m['step_time_s'] * 1000:.0f} ms/step" if m.get("step_time_s") else "no step time (simulated)"
-    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{reserved_clause(m, result.env)} ({breakdown}; "
+    if m.get("gathered_param_peak_bytes") is not None:
+        breakdown += f"; gathered weights peak {amount(m['gathered_param_peak_bytes'], size)}"
+    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{per_gpu(result.config)}"
+               f"{reserved_clause(m, result.env)} ({breakdown}; "
                f"saved for backward {amount(m['saved_tensor_bytes'], size)}), {timing}")
     status = result.status
     if status.state == "ok":

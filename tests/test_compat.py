@@ -27,13 +27,13 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 10
+    assert len(compat.CHECKS) == 11
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
     monkeypatch.setattr(F, "dropout", lambda x: x)
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda ids, extra: None)
-    with pytest.raises(CompatError, match="2 of 10 patch targets changed") as caught:
+    with pytest.raises(CompatError, match="2 of 11 patch targets changed") as caught:
         compat.check_all()
     assert "route_dropout_and_sdpa_like_cuda: torch" in str(caught.value)
     assert "no_packed_sequences: transformers" in str(caught.value)

@@ -33,9 +33,23 @@ class Backend(ABC):
     device: torch.device
     timed: bool = True
 
-    def build(self, factory: Callable[[torch.device], nn.Module]) -> nn.Module:
-        """Build the model (with its method applied) on this backend's device."""
-        return factory(self.device)
+    def build(self, factory: Callable[[torch.device], nn.Module],
+              parallelize: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+        """Build the model (with its method applied) on this backend's device.
+
+        Args:
+            parallelize: Wraps the model for data parallelism (:class:`membench.parallel.Parallelizer`);
+                with ``on_meta`` it shards the model on ``meta`` (FSDP2), which is then materialised.
+        """
+        if parallelize is not None and getattr(parallelize, "on_meta", False):
+            model = parallelize(factory(torch.device("meta")))
+            model.to_empty(device=self.device)
+            with torch.no_grad():  # values matter only to keep real kernels away from NaN; any small ones do
+                for param in model.parameters():
+                    param.normal_(0.0, 0.02)
+            return model
+        model = factory(self.device)
+        return parallelize(model) if parallelize is not None else model
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device)
@@ -100,6 +114,18 @@ class Backend(ABC):
 
     @abstractmethod
     def peak_allocated(self) -> int: ...
+
+    def gathered(self) -> Optional[int]:
+        """Live bytes of FSDP2's gathered (unsharded) parameters; None where they are not told apart (cuda)."""
+        return None
+
+    def gathered_peak(self, reset: bool = False) -> Optional[int]:
+        """The peak of :meth:`gathered` since the last reset (``reset``: start a new one); None on cuda."""
+        return None
+
+    def is_gathered(self, storage: torch.UntypedStorage) -> bool:
+        """Whether ``storage`` holds an FSDP2 gathered parameter (never for backends that cannot tell)."""
+        return False
 
     def peak_reserved(self) -> Optional[int]:
         """Peak bytes the allocator held from the driver; None where there is no such allocator."""

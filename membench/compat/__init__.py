@@ -30,6 +30,10 @@ One module per upstream package and concern; patches for other packages
   :func:`record_cuda_memory_history` (the allocator's private history API), and
   ``FakeTensorMode``, ``TorchDispatchMode``, ``OpOverload``: classes torch
   documents only under private module paths.
+* ``torch_distributed``: :func:`follow_storage_resizes` (wraps ``UntypedStorage.resize_``, which
+  FSDP2 frees and re-allocates gathered parameters with), :func:`fake_process_group` (torch's fake
+  process group, one rank of any world size in one process) and :func:`fsdp2_api` (``fully_shard``
+  and its policies, checked).
 * ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
   check) and :func:`enable_activation_checkpointing` (a renamed method).
 
@@ -66,6 +70,12 @@ from membench.compat.torch_memory import (
     storage_id,
     when_storage_freed,
 )
+from membench.compat.torch_distributed import (
+    check_distributed,
+    fake_process_group,
+    follow_storage_resizes,
+    fsdp2_api,
+)
 from membench.compat.torch_norms import (
     check_layer_norm_and_softmax_routing,
     layer_norm_backward,
@@ -91,6 +101,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "enable_activation_checkpointing": check_activation_checkpointing,
     "record_cuda_memory_history": checked_cuda_history_functions,
     "checked_autograd_node_functions": checked_autograd_node_functions,
+    "follow_storage_resizes, fake_process_group, fsdp2_api": check_distributed,
 }
 
 
@@ -110,6 +121,7 @@ def check_all() -> list[str]:
 __all__ = [
     "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
     "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
+    "fake_process_group", "follow_storage_resizes", "fsdp2_api",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",
