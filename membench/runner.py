@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from membench.backends import Backend, create_backend
+from membench.backends import Backend, create_backend, resolve_name
 from membench.config import RunConfig
 from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, run_id
 from membench.methods import apply_method, autocast_dtype, weight_dtype
@@ -94,7 +94,7 @@ def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
 
 def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
-    with process_group(run.parallel, backend.device, getattr(backend, "rank", 0)) as mesh:
+    with process_group(run.parallel, backend.device, backend.rank) as mesh:
         return _measure_on(the_plan, backend, progress, mesh)
 
 
@@ -185,5 +185,18 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
 
 
 def measure(run: RunConfig) -> Result:
-    """Validate then measure ``run``: the whole pipeline for one configuration."""
-    return execute(plan(run))
+    """Validate then measure ``run``: the whole pipeline for one configuration.
+
+    A parallel run on the ``cpu`` backend, outside any process group, runs for real as one process
+    per rank over gloo (:mod:`membench.parallel.launch`); its result is rank 0's, with every rank's
+    figures in ``env.ranks``.
+    """
+    the_plan = plan(run)
+    if run.parallel.enabled and resolve_name(run.backend) == "cpu":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            from membench.parallel.launch import combine, measure_ranks
+
+            return combine(measure_ranks(run))
+    return execute(the_plan)

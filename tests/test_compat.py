@@ -453,3 +453,48 @@ def test_autograd_node_functions_fail_loudly_when_gone(monkeypatch, missing):
     monkeypatch.delattr(owner, missing)
     with pytest.raises(CompatError, match=loud("torch", TORCH, missing)):
         compat.checked_autograd_node_functions()
+
+
+# --- follow_storage_resizes, fake_process_group, fsdp2_api (torch_distributed) ----------------------------
+
+def test_storage_resizes_are_followed_and_the_method_restored_even_after_an_error():
+    original = torch.UntypedStorage.resize_
+    seen = []
+    tensor = torch.empty(64)
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.follow_storage_resizes(lambda storage: seen.append(storage.nbytes())):
+            tensor.untyped_storage().resize_(0)
+            tensor.untyped_storage().resize_(128)
+            raise RuntimeError("inside")
+    assert seen == [0, 128]
+    assert torch.UntypedStorage.resize_ is original
+    tensor.untyped_storage().resize_(64)
+    assert seen == [0, 128]  # no longer followed
+
+
+def test_storage_resize_follower_refuses_a_missing_method(monkeypatch):
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", None)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "has no UntypedStorage.resize_",
+                                               need="to follow FSDP2")):
+        with compat.follow_storage_resizes(lambda storage: None):
+            pass
+
+
+def test_fake_process_group_plays_one_rank_and_is_destroyed_even_after_an_error():
+    import torch.distributed as dist
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.fake_process_group(8, rank=3):
+            assert (dist.get_world_size(), dist.get_rank()) == (8, 3)
+            raise RuntimeError("inside")
+    assert not dist.is_initialized()
+
+
+def test_fsdp2_api_refuses_a_fully_shard_without_the_options_membench_sets(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    assert compat.fsdp2_api()[0] is fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, *, mesh=None: module)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "without reshard_after_forward, mp_policy, "
+                                               "offload_policy", need="to shard a model with FSDP2")):
+        compat.fsdp2_api()

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from conftest import run_config, tiny
 from membench.errors import ConfigError
 from membench.identity import recorded_config, result_id
-from membench.runner import measure
+from membench.plan import plan
+from membench.runner import execute, measure
 from membench.summary import summarize
 from test_simulate import without_overhead
 
@@ -98,7 +99,7 @@ def test_one_gpu_holds_every_weight_and_gathers_nothing():
                                                 ("full", ("parallel.reshard_after_forward=false",))])
 def test_fsdp2_simulation_equals_real_execution_of_the_same_rank(method, extra):
     """simulate (fake tensors) == cpu (real tensors), both as rank 0 of 4 on the fake process group."""
-    real = measure(fsdp(4, *extra, method=method, backend="cpu"))
+    real = execute(plan(fsdp(4, *extra, method=method, backend="cpu")))  # in this process, on the fake group
     simulated = measure(fsdp(4, *extra, method=method))
     assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
     assert without_overhead(simulated.metrics) == without_overhead(real.metrics)

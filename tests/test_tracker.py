@@ -64,3 +64,29 @@ def test_forget_and_device_filter():
         del counter  # its finalizer must not subtract twice
     assert tracker.allocated == 0
     assert host.sum() == 10
+
+
+def test_a_storage_resized_in_place_is_freed_and_reallocated():
+    """FSDP2 frees gathered parameters with UntypedStorage.resize_(0) and re-allocates them with resize_(n)."""
+    from membench.backends.cpu import CpuBackend
+    from membench.events import ALLOC, FREE, RESIZE
+
+    backend = CpuBackend(cuda_semantics=False)
+    events = backend.tracker.record()
+    with backend.session([]):
+        gathered = torch.empty(1000)  # 4000 B -> 4096
+        storage = gathered.untyped_storage()
+        assert (backend.allocated(), backend.gathered()) == (4096, 0)
+        storage.resize_(0)
+        assert (backend.allocated(), backend.gathered()) == (0, 0)
+        assert backend.is_gathered(storage)
+        backend.gathered_peak(reset=True)
+        storage.resize_(4000)
+        assert (backend.allocated(), backend.gathered(), backend.gathered_peak()) == (4096, 4096, 4096)
+        other = torch.empty(10)  # a plain allocation is not a gathered one
+        assert backend.gathered() == 4096 and not backend.is_gathered(other.untyped_storage())
+        del gathered, storage
+        assert (backend.allocated(), backend.gathered()) == (512, 0)
+    key = [event for event in events if event[0] == ALLOC][0][1]
+    assert [event[:2] for event in events if event[1] == key][:3] == [(ALLOC, key), (FREE, key), (ALLOC, key)]
+    assert [event for event in events if event[0] == ALLOC and event[1] == key][1][3] == RESIZE

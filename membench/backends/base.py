@@ -32,6 +32,9 @@ class Backend(ABC):
     name: str
     device: torch.device
     timed: bool = True
+    #: The rank a parallel run plays when membench starts the (fake) process group itself
+    #: (:func:`membench.parallel.process_group`); rank 0 holds the largest shard.
+    rank: int = 0
 
     def build(self, factory: Callable[[torch.device], nn.Module],
               parallelize: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:

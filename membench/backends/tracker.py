@@ -32,7 +32,14 @@ import torch
 from membench.allocator import allocator_bytes, returned_tensors, storage_key
 from membench.backends.base import Backend
 from membench.backends.cuda_semantics import CudaSemantics
-from membench.compat import OpOverload, TorchDispatchMode, follow_storage_resizes, storage_id, when_storage_freed
+from membench.compat import (
+    OpOverload,
+    TorchDispatchMode,
+    follow_storage_resizes,
+    op_returns_alias,
+    storage_id,
+    when_storage_freed,
+)
 from membench.events import ALLOC, FREE, PHASE, RESIZE, WORKSPACE
 
 
@@ -68,6 +75,12 @@ class AllocationTracker(TorchDispatchMode):
         self.resized_peak = 0
         self.events: Optional[list[tuple]] = None
         self._constants = 0  # keys of workspace allocations: negative, never a storage's
+        #: False: a storage first seen as the output of a view op was allocated where this mode does not
+        #: see (another thread) and is not counted; its bytes add to ``unseen_view_bytes`` instead.
+        #: Set for real multi-process runs (membench.parallel.launch), where gloo's reduce-scatter works
+        #: on a full-size copy of its input made on gloo's own thread, a buffer NCCL does not allocate.
+        self.count_unseen_views = True
+        self.unseen_view_bytes = 0
         #: While recording, names the module of each allocation (``ModuleScope.current``); None: not logged.
         self.module_of: Optional[Callable[[], Optional[str]]] = None
 
@@ -100,6 +113,11 @@ class AllocationTracker(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         size = allocator_bytes(nbytes)
+        if not self.count_unseen_views and func is not None and op_returns_alias(func):
+            self.unseen_view_bytes += size
+            self._forgotten.add(key)
+            when_storage_freed(storage, self._release, key)
+            return
         self._live[key] = size
         if func is not None:
             self._origin[key] = func
