@@ -310,7 +310,8 @@ class ParallelConfig:
         wrap_embeddings: FSDP2: shard the input embeddings and the output head as groups of their
             own, so they are gathered only while used (else they belong to the root group, which
             stays gathered through forward and backward).
-        bucket_cap_mb: DDP: gradient bucket size in MiB (DistributedDataParallel's bucket_cap_mb).
+        bucket_cap_mb: DDP: gradient bucket size in MiB (DistributedDataParallel's bucket_cap_mb);
+            ``null`` = DDP's default (a 1 MiB first bucket, then 25 MiB ones).
     """
 
     strategy: str = "none"
@@ -320,7 +321,7 @@ class ParallelConfig:
     reduce_dtype: Optional[str] = None
     cpu_offload: bool = False
     wrap_embeddings: bool = False
-    bucket_cap_mb: float = 25.0
+    bucket_cap_mb: Optional[float] = None
 
     def __post_init__(self) -> None:
         check_choice("parallel.strategy", self.strategy, PARALLEL_STRATEGIES)
@@ -343,10 +344,10 @@ class ParallelConfig:
                 if getattr(self, key) != getattr(ParallelConfig, key):
                     raise ConfigError(f"parallel.{key}={getattr(self, key)!r} is an FSDP2 option; it has no effect "
                                       f"with parallel.strategy={self.strategy}: drop it or set parallel.strategy=fsdp2")
-        if not isinstance(self.bucket_cap_mb, (int, float)) or isinstance(self.bucket_cap_mb, bool) \
-                or self.bucket_cap_mb <= 0:
-            raise ConfigError(f"parallel.bucket_cap_mb={self.bucket_cap_mb!r} must be a positive number of MiB")
-        if self.strategy != "ddp" and self.bucket_cap_mb != ParallelConfig.bucket_cap_mb:
+        cap = self.bucket_cap_mb
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap <= 0):
+            raise ConfigError(f"parallel.bucket_cap_mb={cap!r} must be a positive number of MiB (or null)")
+        if self.strategy != "ddp" and cap is not None:
             raise ConfigError(f"parallel.bucket_cap_mb={self.bucket_cap_mb!r} is a DDP option; it has no effect with "
                               f"parallel.strategy={self.strategy}")
 

@@ -26,6 +26,7 @@ from membench.models import (
     load_hf_config,
     resolve_model,
 )
+from membench.parallel.checks import check_parallel
 from membench.preflight import AdaptedLayer, adapted_layers, check_rank, check_sequence_length
 
 
@@ -63,7 +64,7 @@ def plan(run: RunConfig) -> Plan:
         ConfigError: unknown model type, sequence too long, target matching
             nothing, rank too large, a backend option the backend lacks.
     """
-    resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
+    backend_name = resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
     hf_config = load_hf_config(run.model)
     model, resolution = resolve_model(run.model, hf_config)
     if model.task != "seq2seq_lm" and run.workload.target_len is not None:
@@ -77,6 +78,7 @@ def plan(run: RunConfig) -> Plan:
             f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path / "
             f"model.id): {error}"
         ) from error
+    check_parallel(run, backend_name, meta_model)
     targets, excludes, adapted, not_adapted = [], [], [], []
     if run.method.uses_adapters:
         targets = run.method.target_modules or default_targets(run.model, hf_config, meta_model)

@@ -96,7 +96,10 @@ def test_one_gpu_holds_every_weight_and_gathers_nothing():
 
 @pytest.mark.parametrize(("method", "extra"), [("full", ()), ("lora", ()), ("lora_fa", ("train.precision=bf16",)),
                                                 ("lora_recompute", ()),
-                                                ("full", ("parallel.reshard_after_forward=false",))])
+                                                ("full", ("parallel.reshard_after_forward=false",)),
+                                                ("full", ("parallel.reshard_after_forward=2",)),
+                                                ("full", ("parallel.wrap_embeddings=true",)),
+                                                ("full", ("parallel.param_dtype=bf16", "parallel.reduce_dtype=fp32"))])
 def test_fsdp2_simulation_equals_real_execution_of_the_same_rank(method, extra):
     """simulate (fake tensors) == cpu (real tensors), both as rank 0 of 4 on the fake process group."""
     real = execute(plan(fsdp(4, *extra, method=method, backend="cpu")))  # in this process, on the fake group
@@ -120,3 +123,37 @@ def test_the_process_group_never_outlives_a_run(monkeypatch):
     assert failed.status.state == "error" and not dist.is_initialized()
     monkeypatch.undo()
     assert measure(fsdp(2)).status.state == "ok"  # and the next run starts a fresh one
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model=tiny-llama", "parallel.strategy=ddp", "parallel.world_size=2", "backend.name=simulate"],
+         "parallel.strategy=ddp cannot be simulated: DDP's C++ Reducer reads every parameter's data"),
+        (["model=llama-3.1-70b", "train.precision=bf16", "parallel.strategy=ddp", "parallel.world_size=8",
+          "backend.name=simulate"], "its weights alone (131.4 GiB) exceed one GPU's 79.6 GiB; use parallel.strategy=fsdp2"),
+        (["model=tiny-llama", "parallel.strategy=ddp", "parallel.world_size=2", "backend.name=cpu",
+          "workload.warmup_steps=1"], "parallel.strategy=ddp needs workload.warmup_steps >= 2, not 1"),
+        (["model=tiny-llama", *FSDP, "parallel.world_size=2", "parallel.cpu_offload=true", "backend.name=simulate"],
+         "parallel.cpu_offload=true needs backend.name=cuda: FSDP2's CPUOffloadPolicy pins host memory"),
+    ],
+)
+def test_parallel_runs_that_cannot_be_measured_fail_before_any_model_is_built(monkeypatch, overrides, expected):
+    import membench.runner
+
+    def no_backend(*args, **kwargs):
+        raise AssertionError("a backend was created before validation finished")
+
+    monkeypatch.setattr(membench.runner, "create_backend", no_backend)
+    with pytest.raises(ConfigError) as error:
+        measure(run_config(*overrides))
+    assert expected in str(error.value)
+
+
+def test_an_fsdp2_the_installed_torch_lacks_is_a_config_error(monkeypatch):
+    import torch.distributed.fsdp as torch_fsdp
+
+    monkeypatch.setattr(torch_fsdp, "fully_shard", lambda module, *, mesh=None: module)
+    with pytest.raises(ConfigError, match="parallel.strategy=fsdp2 cannot run with the installed torch: torch .* has "
+                                          r"fully_shard\(module, mesh\) without reshard_after_forward"):
+        plan(fsdp(2))

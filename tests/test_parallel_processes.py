@@ -51,3 +51,21 @@ def test_a_cpu_run_records_every_rank_and_its_headline_is_the_maximum():
     ranks = result.env["ranks"]
     assert [entry["rank"] for entry in ranks] == [0, 1]
     assert result.metrics["peak_allocated_bytes"] == max(entry["peak_allocated_bytes"] for entry in ranks)
+
+
+def test_ddp_over_gloo_holds_one_gradient_bucket_beside_everything_one_gpu_holds():
+    """DDP replicates the model and adds its gradient buckets, allocated by DDP's own C++ Reducer.
+
+    tiny-llama's gradients (about 0.8 MB) fit DDP's first bucket (1 MiB by default), so the buckets are
+    one flat storage of every trainable parameter's bytes, and every other figure is one GPU's.
+    """
+    from membench.allocator import allocator_bytes
+
+    one = measure(tiny("tiny-llama", "full"))
+    ddp = measure(tiny("tiny-llama", "full", "parallel.strategy=ddp", "parallel.world_size=2"))
+    assert one.status.state == ddp.status.state == "ok", ddp.status
+    for key in ("weight_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes"):
+        assert ddp.metrics[key] == one.metrics[key], key
+    bucket = allocator_bytes(ddp.metrics["sharded_weight_bytes"])  # DDP shards nothing: every parameter's bytes
+    assert ddp.metrics["peak_allocated_bytes"] - one.metrics["peak_allocated_bytes"] == bucket
+    assert [entry["state"] for entry in ddp.env["ranks"]] == ["ok", "ok"]

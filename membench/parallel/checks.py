@@ -1,0 +1,74 @@
+"""A parallel run's checks that need more than its config: the backend, the installed torch, the model's size.
+
+Run by :func:`membench.plan.plan` on the meta model, before anything is materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from membench.compat import CompatError, fsdp2_api
+from membench.compat.torch_distributed import check_fake_process_group
+from membench.config import RunConfig
+from membench.errors import ConfigError
+
+GiB = 1 << 30
+
+
+def check_parallel(run: RunConfig, backend_name: str, meta_model: nn.Module) -> None:
+    """Raise ConfigError for a parallel run that cannot be measured as asked, naming why.
+
+    Args:
+        backend_name: The resolved backend (``simulate``, ``cpu`` or ``cuda``).
+    """
+    parallel = run.parallel
+    if not parallel.enabled:
+        return
+    try:
+        if backend_name == "simulate":
+            check_fake_process_group()
+        if parallel.strategy == "fsdp2":
+            fsdp2_api()
+    except CompatError as error:
+        raise ConfigError(f"parallel.strategy={parallel.strategy} cannot run with the installed torch: {error}") from None
+    if parallel.cpu_offload and backend_name != "cuda":
+        raise ConfigError(
+            "parallel.cpu_offload=true needs backend.name=cuda: FSDP2's CPUOffloadPolicy pins host memory "
+            "(aten._pin_memory), which needs a GPU on a real run and has no fake-tensor kernel in simulation")
+    if parallel.strategy == "ddp":
+        _check_ddp(run, backend_name, meta_model)
+
+
+def _check_ddp(run: RunConfig, backend_name: str, meta_model: nn.Module) -> None:
+    weights = sum(param.numel() * param.element_size() for param in meta_model.parameters())
+    capacity = _capacity(run, backend_name)
+    if capacity is not None and weights > capacity:
+        raise ConfigError(
+            f"parallel.strategy=ddp keeps the whole model on every GPU, and its weights alone "
+            f"({weights / GiB:.1f} GiB) exceed one GPU's {capacity / GiB:.1f} GiB; use parallel.strategy=fsdp2, "
+            "which shards them")
+    if backend_name == "simulate":
+        raise ConfigError(
+            "parallel.strategy=ddp cannot be simulated: DDP's C++ Reducer reads every parameter's data when it is "
+            "built (fake tensors have none) and allocates its gradient buckets in C++, and the fake process "
+            "group's all-reduce hands DDP's communication hook no tensor. Measure DDP with backend.name=cpu "
+            "(one real process per rank over gloo) or backend.name=cuda under torchrun")
+    if run.workload.warmup_steps < 2:
+        raise ConfigError(
+            f"parallel.strategy=ddp needs workload.warmup_steps >= 2, not {run.workload.warmup_steps}: DDP builds "
+            "its gradient buckets with the model and builds them again in the second step's forward (in the "
+            "order gradients became ready); the allocator model sees them from then on")
+
+
+def _capacity(run: RunConfig, backend_name: str) -> Optional[int]:
+    if backend_name == "simulate":
+        from membench.devices import device_profile
+
+        return device_profile(run.backend).total_memory_bytes
+    if backend_name == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return None
