@@ -29,21 +29,34 @@ def _rank_main(rank: int, run: RunConfig, init_file: str, out_dir: str) -> None:
 
     from membench.backends import create_backend
     from membench.plan import plan
-    from membench.runner import execute
 
     torch.set_num_threads(1)  # ranks share the machine's cores; and no OpenMP pool inherited across fork
     backend = create_backend(run.backend)
-    # gloo's reduce-scatter reduces a full-size copy of its input, made on gloo's thread (outside the
-    # tracker's sight) and first seen here as a split view in work.wait(); NCCL reduces in place on
-    # the GPU. Those buffers are reported (env.gloo_buffer_bytes), not counted.
-    backend.tracker.count_unseen_views = False
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=run.parallel.world_size)
     try:
-        result = execute(plan(run), backend)
+        result = execute_rank(plan(run), backend)
     finally:
         dist.destroy_process_group()
-    result.env["gloo_buffer_bytes"] = backend.tracker.unseen_view_bytes
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result.to_dict()))
+
+
+def execute_rank(the_plan, backend) -> Result:
+    """One rank of a real multi-process run, measured in a process group that already exists.
+
+    On a tracked backend (cpu), gloo's own buffers are reported, not counted: gloo's reduce-scatter
+    (and all-reduce) works on a full-size copy of its input made on gloo's thread, outside the
+    tracker's sight, first seen as a split view in ``work.wait()``; NCCL reduces in place on the GPU.
+    Their bytes go to ``env.gloo_buffer_bytes``.
+    """
+    from membench.runner import execute
+
+    tracker = getattr(backend, "tracker", None)
+    if tracker is not None:
+        tracker.count_unseen_views = False
+    result = execute(the_plan, backend)
+    if tracker is not None:
+        result.env["gloo_buffer_bytes"] = tracker.unseen_view_bytes
+    return result
 
 
 def measure_ranks(run: RunConfig) -> list[Result]:
