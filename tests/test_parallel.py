@@ -110,6 +110,17 @@ def test_fsdp2_simulation_equals_real_execution_of_the_same_rank(method, extra):
         assert simulated.metrics[key] == real.metrics[key], key
 
 
+@pytest.mark.parametrize("model", ["tiny-roberta", "tiny-t5"])
+def test_fsdp2_shards_every_family_and_simulation_still_equals_real_execution(model):
+    """Blocks are found by structure (RoBERTa's encoder.layer, T5's encoder.block and decoder.block); a real
+    model built on meta gets real buffers (RoBERTa's position ids) from transformers' own initialisation."""
+    args = (model, "lora_fa", *FSDP, "parallel.world_size=2")
+    real = execute(plan(tiny(*args, backend="cpu")))
+    simulated = measure(tiny(*args, backend="simulate"))
+    assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
+    assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
+
+
 def test_the_process_group_never_outlives_a_run(monkeypatch):
     measure(fsdp(2))
     assert not dist.is_initialized()

@@ -16,6 +16,19 @@ import torch
 from torch import nn
 
 
+def initialize_in_place(model: nn.Module) -> None:
+    """Give a model materialised with ``to_empty`` real values, in place: transformers' own
+    ``initialize_weights`` (parameters, LoRA's linears among them, and buffers such as position ids
+    and rotary frequencies, which real kernels index with)."""
+    for module in model.modules():
+        if getattr(module, "_is_hf_initialized", False):
+            module._is_hf_initialized = False  # marked on meta; its values are not there any more
+    pretrained = next((module for module in model.modules() if hasattr(module, "initialize_weights")), None)
+    with torch.no_grad():
+        if pretrained is not None:
+            pretrained.initialize_weights()
+
+
 class BusyDeviceError(RuntimeError):
     """The GPU was not empty when a run started: its figures would not be this run's."""
 
@@ -47,9 +60,7 @@ class Backend(ABC):
         if parallelize is not None and getattr(parallelize, "on_meta", False):
             model = parallelize(factory(torch.device("meta")))
             model.to_empty(device=self.device)
-            with torch.no_grad():  # values matter only to keep real kernels away from NaN; any small ones do
-                for param in model.parameters():
-                    param.normal_(0.0, 0.02)
+            initialize_in_place(model)
             return model
         model = factory(self.device)
         return parallelize(model) if parallelize is not None else model
