@@ -168,3 +168,13 @@ def test_an_fsdp2_the_installed_torch_lacks_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="parallel.strategy=fsdp2 cannot run with the installed torch: torch .* has "
                                           r"fully_shard\(module, mesh\) without reshard_after_forward"):
         plan(fsdp(2))
+
+
+def test_maxfit_and_fit_settings_of_one_gpu_runs_keep_their_layout():
+    """membench-maxfit and membench-fit name their files by hashing the runs' settings: the parallel section
+    enters them only when set, so one-GPU searches keep their file names."""
+    from membench.identity import settings_record
+
+    one = settings_record(tiny("tiny-llama", "lora_fa", backend="simulate"))
+    assert set(one) == {"model", "method", "workload", "train", "backend"}
+    assert settings_record(fsdp(2))["parallel"]["world_size"] == 2
