@@ -145,6 +145,8 @@ def test_the_process_group_never_outlives_a_run(monkeypatch):
           "backend.name=simulate"], "its weights alone (131.4 GiB) exceed one GPU's 79.6 GiB; use parallel.strategy=fsdp2"),
         (["model=tiny-llama", "parallel.strategy=ddp", "parallel.world_size=2", "backend.name=cpu",
           "workload.warmup_steps=1"], "parallel.strategy=ddp needs workload.warmup_steps >= 2, not 1"),
+        (["model=tiny-llama", *FSDP, "parallel.world_size=2", "workload.warmup_steps=0"],
+         "parallel.strategy=fsdp2 needs workload.warmup_steps >= 1, not 0"),
         (["model=tiny-llama", *FSDP, "parallel.world_size=2", "parallel.cpu_offload=true", "backend.name=simulate"],
          "parallel.cpu_offload=true needs backend.name=cuda: FSDP2's CPUOffloadPolicy pins host memory"),
     ],

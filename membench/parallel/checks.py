@@ -37,6 +37,11 @@ def check_parallel(run: RunConfig, backend_name: str, meta_model: nn.Module) -> 
         raise ConfigError(
             "parallel.cpu_offload=true needs backend.name=cuda: FSDP2's CPUOffloadPolicy pins host memory "
             "(aten._pin_memory), which needs a GPU on a real run and has no fake-tensor kernel in simulation")
+    if parallel.strategy == "fsdp2" and run.workload.warmup_steps < 1:
+        raise ConfigError(
+            "parallel.strategy=fsdp2 needs workload.warmup_steps >= 1, not 0: FSDP2 creates its gather buffers in "
+            "the first step, and membench tells gathered parameters from activations by seeing FSDP2 free them "
+            "(UntypedStorage.resize_) once")
     if parallel.strategy == "ddp":
         _check_ddp(run, backend_name, meta_model)
 
