@@ -498,3 +498,26 @@ def test_fsdp2_api_refuses_a_fully_shard_without_the_options_membench_sets(monke
     with pytest.raises(CompatError, match=loud("torch", TORCH, "without reshard_after_forward, mp_policy, "
                                                "offload_policy", need="to shard a model with FSDP2")):
         compat.fsdp2_api()
+
+
+def test_dtensor_metadata_scope_pauses_and_restores_torchs_lock():
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._fake_mode_lock
+    calls = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.dtensor_metadata_unseen(lambda: calls.append("pause"), lambda: calls.append("resume")):
+            with ShardingPropagator._fake_mode_lock:
+                assert calls == ["pause"]
+            raise RuntimeError("inside")
+    assert calls == ["pause", "resume"] and ShardingPropagator._fake_mode_lock is original
+
+
+def test_dtensor_metadata_scope_refuses_a_propagator_without_its_lock(monkeypatch):
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    monkeypatch.setattr(ShardingPropagator, "_fake_mode_lock", None)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "has no ShardingPropagator._fake_mode_lock",
+                                               need="to leave out the fake global-shape tensors")):
+        with compat.dtensor_metadata_unseen(lambda: None, lambda: None):
+            pass

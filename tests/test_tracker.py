@@ -90,3 +90,24 @@ def test_a_storage_resized_in_place_is_freed_and_reallocated():
     key = [event for event in events if event[0] == ALLOC][0][1]
     assert [event[:2] for event in events if event[1] == key][:3] == [(ALLOC, key), (FREE, key), (ALLOC, key)]
     assert [event for event in events if event[0] == ALLOC and event[1] == key][1][3] == RESIZE
+
+
+def test_dtensor_metadata_tensors_are_not_memory():
+    """DTensor derives an op's output metadata on fake tensors of the global shape (first call of each op
+    signature); the allocator model counts only the rank's local shards: x, y and x + y, 64 of 256 rows each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from membench import compat
+    from membench.backends.cpu import CpuBackend
+
+    with compat.fake_process_group(4):
+        mesh = init_device_mesh("cpu", (4,))
+        x = distribute_tensor(torch.zeros(256, 48), mesh, [Shard(0)])
+        y = distribute_tensor(torch.zeros(256, 48), mesh, [Shard(0)])
+        backend = CpuBackend(cuda_semantics=False)
+        with backend.session([x.to_local(), y.to_local()]):
+            backend.reset_peak()
+            total = torch.addcmul(x, y, x, value=0.5)  # an op signature DTensor has not propagated yet
+            assert backend.peak_allocated() == 3 * allocator_bytes(64 * 48 * 4)
+            del total

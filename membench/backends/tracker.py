@@ -12,7 +12,8 @@ Two things FSDP2 needs (:mod:`membench.parallel`): a storage resized in place
 is re-counted at its new size (:meth:`AllocationTracker.resized`, wired up by
 :class:`TrackedBackend` through :func:`membench.compat.follow_storage_resizes`), and DTensor
 ops are left to DTensor, which decomposes them into ops on its local shards that the tracker
-then counts.
+then counts; the fake global-shape tensors DTensor makes first to derive an op's output metadata
+are not counted (:func:`membench.compat.dtensor_metadata_unseen`).
 
 It also remembers which ATen op made each live storage (:meth:`origin`), so
 saved tensors can be attributed to ops at no extra dispatch cost.
@@ -35,6 +36,7 @@ from membench.backends.cuda_semantics import CudaSemantics
 from membench.compat import (
     OpOverload,
     TorchDispatchMode,
+    dtensor_metadata_unseen,
     follow_storage_resizes,
     op_returns_alias,
     storage_id,
@@ -79,6 +81,7 @@ class AllocationTracker(TorchDispatchMode):
         #: see (another thread) and is not counted; its bytes add to ``unseen_view_bytes`` instead.
         #: Set for real multi-process runs (membench.parallel.launch), where gloo's reduce-scatter works
         #: on a full-size copy of its input made on gloo's own thread, a buffer NCCL does not allocate.
+        self._paused = 0  # > 0 while DTensor derives metadata on fake global-shape tensors (not memory)
         self.count_unseen_views = True
         self.unseen_view_bytes = 0
         #: While recording, names the module of each allocation (``ModuleScope.current``); None: not logged.
@@ -205,10 +208,19 @@ class AllocationTracker(TorchDispatchMode):
         if self.events is not None:
             self.events.append((FREE, key))
 
+    def pause(self) -> None:
+        """Stop counting op outputs until :meth:`resume` (nested pauses count)."""
+        self._paused += 1
+
+    def resume(self) -> None:
+        self._paused -= 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _DTensor is not None and any(issubclass(kind, _DTensor) for kind in types):
             return NotImplemented  # DTensor decomposes the op into ops on local tensors, counted then
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         for tensor in returned_tensors(out):
             self.track(tensor, func)
         return out
@@ -235,6 +247,7 @@ class TrackedBackend(Backend):
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.tracker)
             stack.enter_context(follow_storage_resizes(self.tracker.resized))
+            stack.enter_context(dtensor_metadata_unseen(self.tracker.pause, self.tracker.resume))
             if self.cuda_semantics:
                 stack.enter_context(CudaSemantics())
             yield

@@ -32,8 +32,9 @@ One module per upstream package and concern; patches for other packages
   documents only under private module paths.
 * ``torch_distributed``: :func:`follow_storage_resizes` (wraps ``UntypedStorage.resize_``, which
   FSDP2 frees and re-allocates gathered parameters with), :func:`fake_process_group` (torch's fake
-  process group, one rank of any world size in one process) and :func:`fsdp2_api` (``fully_shard``
-  and its policies, checked).
+  process group, one rank of any world size in one process), :func:`fsdp2_api` (``fully_shard``
+  and its policies, checked) and :func:`dtensor_metadata_unseen` (pauses the allocator model while
+  DTensor derives output metadata on fake global-shape tensors).
 * ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
   check) and :func:`enable_activation_checkpointing` (a renamed method).
 
@@ -72,6 +73,7 @@ from membench.compat.torch_memory import (
 )
 from membench.compat.torch_distributed import (
     check_distributed,
+    dtensor_metadata_unseen,
     fake_process_group,
     follow_storage_resizes,
     fsdp2_api,
@@ -101,7 +103,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "enable_activation_checkpointing": check_activation_checkpointing,
     "record_cuda_memory_history": checked_cuda_history_functions,
     "checked_autograd_node_functions": checked_autograd_node_functions,
-    "follow_storage_resizes, fake_process_group, fsdp2_api": check_distributed,
+    "follow_storage_resizes, fake_process_group, fsdp2_api, dtensor_metadata_unseen": check_distributed,
 }
 
 
@@ -121,7 +123,7 @@ def check_all() -> list[str]:
 __all__ = [
     "CHECKS", "CompatError", "FakeTensorMode", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
     "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing",
-    "fake_process_group", "follow_storage_resizes", "fsdp2_api",
+    "dtensor_metadata_unseen", "fake_process_group", "follow_storage_resizes", "fsdp2_api",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",

@@ -10,12 +10,19 @@
   ``FakeStore`` that torch documents only under ``torch.testing._internal``): one process plays
   one rank of any world size; collectives return without communicating.
 * :func:`fsdp2_api` is ``fully_shard`` and its policies, checked to take the options membench sets.
+* :func:`dtensor_metadata_unseen`: DTensor's sharding propagation derives an op's output metadata by
+  running the op once on fake tensors of the *global* shape
+  (``torch/distributed/tensor/_sharding_prop.py``, ``_propagate_tensor_meta_non_cached``, the first
+  time it sees an op signature). Those tensors are never device memory, on any backend, but a
+  dispatch mode sees them being made; torch runs that work inside the class attribute
+  ``ShardingPropagator._fake_mode_lock`` (a no-op context by default), which this entry wraps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import Callable, Iterator
 
 import torch
@@ -107,8 +114,60 @@ def fsdp2_api() -> tuple[Callable, type, type]:
     return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
 
 
+_METADATA_NEED = ("to leave out the fake global-shape tensors DTensor's sharding propagation makes to derive "
+                  "output metadata (ShardingPropagator._fake_mode_lock around _propagate_tensor_meta_non_cached)")
+
+
+def checked_sharding_propagator() -> type:
+    try:
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    except ImportError as error:
+        raise incompatible("torch", f"cannot import ShardingPropagator ({error})", _METADATA_NEED) from None
+    lock = getattr(ShardingPropagator, "_fake_mode_lock", None)
+    if not (hasattr(lock, "__enter__") and hasattr(lock, "__exit__")):
+        raise incompatible("torch", "has no ShardingPropagator._fake_mode_lock context", _METADATA_NEED)
+    try:
+        source = inspect.getsource(ShardingPropagator._propagate_tensor_meta_non_cached)
+    except (AttributeError, OSError, TypeError):
+        source = ""
+    if "_fake_mode_lock" not in source or "gen_fake_args" not in source:
+        raise incompatible("torch", "no longer runs _propagate_tensor_meta_non_cached's fake ops inside "
+                           "_fake_mode_lock", _METADATA_NEED)
+    return ShardingPropagator
+
+
+class _Unseen:
+    """``ShardingPropagator._fake_mode_lock`` plus a pause of the allocator model (re-entrant, reusable)."""
+
+    def __init__(self, original, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self.original, self.pause, self.resume = original, pause, resume
+
+    def __enter__(self):
+        entered = self.original.__enter__()
+        self.pause()
+        return entered
+
+    def __exit__(self, *exc):
+        self.resume()
+        return self.original.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def dtensor_metadata_unseen(pause: Callable[[], None], resume: Callable[[], None]) -> Iterator[None]:
+    """Call ``pause()`` when DTensor's sharding propagation starts its fake global-shape work, ``resume()``
+    when it ends, while active; restores torch's own lock on exit, also after an error."""
+    propagator = checked_sharding_propagator()
+    original = propagator._fake_mode_lock
+    propagator._fake_mode_lock = _Unseen(original, pause, resume)
+    try:
+        yield
+    finally:
+        propagator._fake_mode_lock = original
+
+
 def check_distributed() -> None:
     """Every target of this module (the ``CHECKS`` entry)."""
     check_storage_resize()
     check_fake_process_group()
     fsdp2_api()
+    checked_sharding_propagator()
