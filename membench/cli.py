@@ -24,6 +24,7 @@ from membench import tracing
 from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
+from membench.parallel import torchrun
 from membench.sweep import position
 
 EXPERIMENT = re.compile(r"^experiment=")
@@ -67,6 +68,8 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
     from membench.sweep import existing_result
 
     run = to_run_config(cfg)
+    if torchrun.launched_by_torchrun():
+        return _run_under_torchrun(run)
     if not run.force and (done := existing_result(run)) is not None:
         line = (f"{position(number)}{describe_config(done.config)} → already measured ({done.status.state}), "
                 f"skipped; force=true re-measures")
@@ -82,6 +85,24 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
     else:
         print(line, flush=True)
     return result.status.state, line
+
+
+def _run_under_torchrun(run: RunConfig) -> tuple[str, str]:
+    """One rank of ``torchrun -m membench``: always measures (every rank must take part, and ranks on
+    other nodes cannot see rank 0's files); only global rank 0 writes and prints (membench.parallel.torchrun)."""
+    from membench.files import check_writable_dir
+    from membench.results import write_result
+    from membench.summary import headline, summarize
+
+    if torchrun.writes_results():
+        check_writable_dir(run.results_dir, key="results_dir")
+    result = torchrun.measure_under_torchrun(run)
+    if result is None:
+        return "ok", ""
+    path = write_result(result, run.results_dir)
+    print(summarize(result), flush=True)
+    print(f"  result: {path}", flush=True)
+    return result.status.state, headline(result)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -44,6 +44,10 @@ QUANT_STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 FAKE_DEVICES = ("auto", "cuda", "cpu")
 TRACE_MODES = ("auto", "off")
+PARALLEL_STRATEGIES = ("none", "ddp", "fsdp2")
+#: Dtypes FSDP2's MixedPrecisionPolicy may cast parameters (param_dtype) or gradients (reduce_dtype) to.
+PARALLEL_DTYPES = ("fp32", "bf16", "fp16")
+MAX_WORLD_SIZE = 1024
 #: Method keys that only mean something with adapters; MethodConfig rejects them for kind=full,
 #: so sweeps and maxfit, which pair one command line with several methods, drop them there.
 ADAPTER_ONLY_KEYS = ("method.rank", "method.alpha", "method.target_modules", "method.lora_dropout",
@@ -381,6 +385,79 @@ class BackendConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism over several GPUs; every figure is then per GPU (rank 0, the largest shard).
+
+    Attributes:
+        strategy: ``none`` (one GPU), ``ddp`` (DistributedDataParallel: every rank holds the whole
+            model plus gradient buckets) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard``:
+            parameters, gradients and optimizer state sharded 1/world_size, gathered per block).
+        world_size: Number of ranks (GPUs), 1 to 1024; several nodes are just more ranks.
+        reshard_after_forward: FSDP2: free each block's gathered parameters after forward (true,
+            gather again in backward), keep them (false: more memory, less communication), or an
+            int that divides world_size (reshard to groups of that size).
+        param_dtype: FSDP2 mixed precision: the dtype parameters are gathered and computed in
+            (``null``: the stored dtype). Sharded parameters stay in the stored dtype.
+        reduce_dtype: FSDP2 mixed precision: the dtype gradients are reduced in (``null``: param_dtype).
+        cpu_offload: FSDP2's ``CPUOffloadPolicy``: sharded parameters, gradients and optimizer state
+            live in host memory, reported apart from device bytes.
+        wrap_embeddings: FSDP2: shard the input embeddings and the output head as groups of their
+            own, so they are gathered only while used (else they belong to the root group, which
+            stays gathered through forward and backward).
+        bucket_cap_mb: DDP: gradient bucket size in MiB (DistributedDataParallel's bucket_cap_mb);
+            ``null`` = DDP's default (a 1 MiB first bucket, then 25 MiB ones).
+    """
+
+    strategy: str = "none"
+    world_size: int = 1
+    reshard_after_forward: Any = True
+    param_dtype: Optional[str] = None
+    reduce_dtype: Optional[str] = None
+    cpu_offload: bool = False
+    wrap_embeddings: bool = False
+    bucket_cap_mb: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        check_choice("parallel.strategy", self.strategy, PARALLEL_STRATEGIES)
+        if (not isinstance(self.world_size, int) or isinstance(self.world_size, bool)
+                or not 1 <= self.world_size <= MAX_WORLD_SIZE):
+            raise ConfigError(f"parallel.world_size={self.world_size!r} must be an integer from 1 to {MAX_WORLD_SIZE}")
+        if self.strategy == "none" and self.world_size > 1:
+            raise ConfigError(f"parallel.world_size={self.world_size} needs a parallel strategy: set "
+                              "parallel.strategy=fsdp2 or ddp (parallel.strategy=none is one GPU)")
+        reshard = self.reshard_after_forward
+        if not isinstance(reshard, bool):
+            if not isinstance(reshard, int) or reshard < 1 or self.world_size % reshard:
+                raise ConfigError(f"parallel.reshard_after_forward={reshard!r} must be true, false or an integer "
+                                  f"that divides parallel.world_size={self.world_size}")
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self, key) is not None:
+                check_choice(f"parallel.{key}", getattr(self, key), PARALLEL_DTYPES)
+        if self.strategy != "fsdp2":
+            for key in ("reshard_after_forward", "param_dtype", "reduce_dtype", "cpu_offload", "wrap_embeddings"):
+                if getattr(self, key) != getattr(ParallelConfig, key):
+                    raise ConfigError(f"parallel.{key}={getattr(self, key)!r} is an FSDP2 option; it has no effect "
+                                      f"with parallel.strategy={self.strategy}: drop it or set parallel.strategy=fsdp2")
+        cap = self.bucket_cap_mb
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or cap <= 0):
+            raise ConfigError(f"parallel.bucket_cap_mb={cap!r} must be a positive number of MiB (or null)")
+        if self.strategy != "ddp" and cap is not None:
+            raise ConfigError(f"parallel.bucket_cap_mb={self.bucket_cap_mb!r} is a DDP option; it has no effect with "
+                              f"parallel.strategy={self.strategy}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+
+#: Weight storage dtype (train.precision) -> the FSDP2 param_dtype values that do not contradict it:
+#: a gathered copy may be narrower than fp32 master weights, never wider than, or a different 16-bit
+#: format from, weights already stored in 16 bits.
+COMPATIBLE_PARAM_DTYPES = {"fp32": PARALLEL_DTYPES, "bf16-autocast": PARALLEL_DTYPES, "bf16": ("bf16",),
+                           "fp16": ("fp16",)}
+
+
+@dataclass
 class RunConfig:
     """One measured configuration: model x method x workload x numerics x backend.
 
@@ -395,6 +472,8 @@ class RunConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # Added after identity version 1: hashed only where it differs from one GPU (membench.identity).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     results_dir: str = "results/runs"
     force: bool = False
 
@@ -424,6 +503,13 @@ class RunConfig:
                 "method.lorafa_optimizer=true uses PEFT's own AdamW, which has no fused kernel; "
                 "drop train.optimizer_impl=fused"
             )
+        param_dtype = self.parallel.param_dtype
+        if param_dtype is not None and param_dtype not in COMPATIBLE_PARAM_DTYPES[self.train.precision]:
+            raise ConfigError(
+                f"parallel.param_dtype={param_dtype} contradicts train.precision={self.train.precision} (weights "
+                f"stored in {self.train.precision}): use parallel.param_dtype="
+                f"{' or '.join(COMPATIBLE_PARAM_DTYPES[self.train.precision])} or null, or train.precision=fp32 "
+                "with FSDP2 mixed precision")
 
 
 def register_configs() -> None:

@@ -30,6 +30,9 @@ from membench.allocator import allocator_bytes
 
 ALLOC, FREE, PHASE = "alloc", "free", "phase"
 WORKSPACE = "workspace"  # op label of allocations no tensor owns (cuBLAS workspaces)
+#: Op label of a storage re-allocated in place by ``UntypedStorage.resize_`` (FSDP2's gathered parameters);
+#: its shrink to 0 is logged as a FREE of the same key.
+RESIZE = "resize"
 
 
 @dataclass

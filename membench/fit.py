@@ -29,12 +29,12 @@ import pandas as pd
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from membench.config import (BackendConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, WorkloadConfig,
-                             check_choice, check_positive, register_configs)
+from membench.config import (BackendConfig, MethodConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig,
+                             WorkloadConfig, check_choice, check_positive, register_configs)
 from membench.devices import DEVICES, DeviceProfile
 from membench.errors import ConfigError
 from membench.files import check_writable_dir, write_atomic
-from membench.identity import config_digest
+from membench.identity import config_digest, settings_record
 from membench.results import provenance
 from membench.maxfit.config import CONFIRM, DIMENSIONS
 from membench.maxfit.text import budget_label
@@ -90,6 +90,7 @@ class FitRunConfig(RunConfig):
     workload: WorkloadConfig = MISSING
     train: TrainConfig = MISSING
     backend: BackendConfig = MISSING
+    parallel: ParallelConfig = MISSING
     results_dir: str = MISSING
     force: bool = MISSING
     fit: FitConfig = field(default_factory=FitConfig)
@@ -240,11 +241,8 @@ def run_fit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[..., Di
     rows = fit_rows(runs, devices, confirm=settings.confirm, search_cap=settings.search_cap,
                     log=lambda line: print(line, file=out, flush=True), by=settings.by,
                     dimensions=settings.dimensions)
-    recorded = {"runs": [dataclasses.asdict(r) for r in runs], "devices": devices, "search_cap": settings.search_cap,
+    recorded = {"runs": [settings_record(r) for r in runs], "devices": devices, "search_cap": settings.search_cap,
                 "by": settings.by, "dimensions": list(settings.dimensions)}
-    for run in recorded["runs"]:
-        run.pop("results_dir")
-        run.pop("force")
     paths = write_fit(rows, settings.output, recorded)
     print("", markdown(rows), sep="\n", file=out)
     print(f"{time.perf_counter() - started:.1f} s; wrote {', '.join(str(p) for p in paths)}", file=out, flush=True)

@@ -27,6 +27,7 @@ from membench.models import (
     load_hf_config,
     resolve_model,
 )
+from membench.parallel.checks import check_parallel
 from membench.preflight import AdaptedLayer, adapted_layers, check_rank, check_sequence_length
 
 
@@ -116,7 +117,7 @@ def plan(run: RunConfig) -> Plan:
         ConfigError: unknown model type, sequence too long, target matching
             nothing, rank too large, a backend option the backend lacks.
     """
-    resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
+    backend_name = resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
     if run.model.quantization != "none":
         from membench.quantization import require_bitsandbytes
 
@@ -134,6 +135,7 @@ def plan(run: RunConfig) -> Plan:
             f"model {run.model.name!r} cannot be built from its config (model.hf_config / model.config_path / "
             f"model.id): {error}"
         ) from error
+    check_parallel(run, backend_name, meta_model)
     targets, excludes, adapted, not_adapted, target_parameters = [], [], [], [], []
     if run.method.uses_adapters:
         targets = run.method.target_modules or default_targets(run.model, hf_config, meta_model)

@@ -18,12 +18,14 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from membench.backends import Backend, create_backend
+from membench.backends import Backend, create_backend, resolve_name
 from membench.config import RunConfig
 from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, run_id
 from membench.methods import apply_method, autocast_dtype, weight_dtype
 from membench.models import build_model
 from membench.optim import build_optimizer, replaces_state_each_step
+from membench.parallel import local_tensor, parallelizer, process_group
+from membench.parallel.figures import shard_figures
 from membench.plan import Plan, plan
 from membench.quantization import model_tensors, prepare_for_kbit_training, quantize_base
 from membench.results import Result, Status, provenance
@@ -55,8 +57,9 @@ def tokens_per_step(run: RunConfig, task: Optional[str] = None) -> int:
     return workload.batch_size * (workload.seq_len + decoder)
 
 
-def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The model (method applied, in train mode) and one synthetic batch, on ``backend``'s device."""
+def build(the_plan: Plan, backend: Backend, mesh=None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model (method applied, wrapped for ``run.parallel`` on ``mesh``, in train mode) and one
+    synthetic batch, on ``backend``'s device."""
     run = the_plan.run
     dtype = weight_dtype(run.train)
 
@@ -73,7 +76,7 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
                                 the_plan.target_parameters)
 
     torch.manual_seed(run.workload.seed)
-    model = backend.build(factory)
+    model = backend.build(factory, parallelizer(run.parallel, mesh))
     model.train()
     moved: dict[int, torch.Tensor] = {}  # causal LMs use input_ids as labels: one copy, as a script would
     batch = {}
@@ -83,7 +86,15 @@ def build(the_plan: Plan, backend: Backend) -> tuple[nn.Module, dict[str, torch.
 
 
 def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
-    """(full warm-up steps to run, whether to prime the optimizer state instead)."""
+    """(full warm-up steps to run, whether to prime the optimizer state instead).
+
+    A parallel run never primes: FSDP2 and DDP initialise lazily in the first forward and backward
+    (gather buffers, DDP's buckets), so one real step is what reaches their steady state; a
+    backend that may prime runs that one step instead of all the warm-up steps. Nor does an
+    optimizer that replaces part of its state every step (Adafactor): see optim.replaces_state_each_step.
+    """
+    if run.parallel.enabled and backend.primes_optimizer:
+        return min(run.workload.warmup_steps, 1), False
     primes = backend.primes_optimizer and not replaces_state_each_step(run.train)
     primed = primes and run.workload.warmup_steps > 0
     return (0 if primes else run.workload.warmup_steps), primed
@@ -91,10 +102,20 @@ def warmup(run: RunConfig, backend: Backend) -> tuple[int, bool]:
 
 def _measure(the_plan: Plan, backend: Backend, progress: Progress) -> Metrics:
     run = the_plan.run
-    model, batch = build(the_plan, backend)
-    with backend.session([*model_tensors(model), *batch.values()]):
+    with process_group(run.parallel, backend.device, backend.rank) as mesh:
+        return _measure_on(the_plan, backend, progress, mesh)
+
+
+def _measure_on(the_plan: Plan, backend: Backend, progress: Progress, mesh) -> Metrics:
+    run = the_plan.run
+    model, batch = build(the_plan, backend, mesh)
+    existing = [*model_tensors(model), *batch.values()]
+    with backend.session([local_tensor(tensor) for tensor in existing]):
         optimizer = build_optimizer(model, run.method, run.train, backend)
-        loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress)
+        sharded = run.parallel.strategy == "fsdp2"
+        loop = MeasuredLoop(backend, model, optimizer, batch, autocast_dtype(run.train), progress, sharded)
+        for key, value in shard_figures(model, run.parallel.world_size).items():
+            setattr(loop.metrics, key, value)
         warmup_steps, primed = warmup(run, backend)
         if primed:
             loop.prime_optimizer()
@@ -173,5 +194,18 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
 
 
 def measure(run: RunConfig) -> Result:
-    """Validate then measure ``run``: the whole pipeline for one configuration."""
-    return execute(plan(run))
+    """Validate then measure ``run``: the whole pipeline for one configuration.
+
+    A parallel run on the ``cpu`` backend, outside any process group, runs for real as one process
+    per rank over gloo (:mod:`membench.parallel.launch`); its result is rank 0's, with every rank's
+    figures in ``env.ranks``.
+    """
+    the_plan = plan(run)
+    if run.parallel.enabled and resolve_name(run.backend) == "cpu":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            from membench.parallel.launch import combine, measure_ranks
+
+            return combine(measure_ranks(run))
+    return execute(the_plan)

@@ -48,7 +48,9 @@ def module_pattern(name: str) -> str:
 
 def op_name(func: Optional[OpOverload]) -> str:
     """``aten.mm`` for ``aten.mm.default``; :data:`BEFORE_FORWARD` for None."""
-    return BEFORE_FORWARD if func is None else str(func.overloadpacket)
+    if func is None:
+        return BEFORE_FORWARD
+    return func if isinstance(func, str) else str(func.overloadpacket)  # a label such as events.RESIZE
 
 
 def _no_origin(storage: torch.UntypedStorage) -> None:
@@ -106,10 +108,14 @@ class SavedTensorCounter:
         parameters: Tensors whose storages never count.
         model: The model whose module paths name the modules; None labels
             modules by class name.
+        also_parameter: Tells storages that hold parameters too, though not in ``parameters``
+            (FSDP2's gathered copies, :meth:`membench.backends.base.Backend.is_gathered`).
     """
 
-    def __init__(self, parameters: list[torch.Tensor], model: Optional[nn.Module] = None) -> None:
+    def __init__(self, parameters: list[torch.Tensor], model: Optional[nn.Module] = None,
+                 also_parameter: Optional[Callable[[torch.UntypedStorage], bool]] = None) -> None:
         self._excluded = {storage_key(p) for p in parameters}
+        self._also_parameter = also_parameter
         self._names: dict[int, str] = {}
         if model is not None:
             self._names = {id(module): name for name, module in model.named_modules()}
@@ -126,7 +132,8 @@ class SavedTensorCounter:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         key = storage_id(storage)
-        if key not in self._excluded and (key not in self._seen or self._alive[key]() is not storage):
+        if key not in self._excluded and (key not in self._seen or self._alive[key]() is not storage) and not (
+                self._also_parameter is not None and self._also_parameter(storage)):
             self._seen[key] = (storage.nbytes(), self._stack[-1], self._origin(storage))
             self._alive[key] = weakref.ref(storage)
         return tensor

@@ -21,6 +21,11 @@ backend's peak is reset at the phase start). The figures, all integer bytes:
 * ``ctx_kept_bytes_by_function``: storages custom autograd functions keep as ``ctx`` attributes
   (invisible to saved-tensor hooks, e.g. bitsandbytes' 8-bit matmul input), by function.
 * ``peak_allocated_bytes``: the highest phase peak over the measured steps.
+
+Under data parallelism (``parallel.strategy``) every figure is one rank's: a DTensor counts its
+local shard. FSDP2's gathered (unsharded) parameters are neither weights nor activations:
+``gathered_param_peak_bytes`` is their highest live total in the measured steps, and they are
+left out of ``activation_bytes`` and ``saved_tensor_bytes`` (see :mod:`membench.parallel.figures`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from membench.allocator import allocator_bytes, storage_key
 from membench.compat import adamw_host_step_counters
 from membench.quantization import logical_numel, model_tensors
 from membench.optim import paged_state_bytes
+from membench.parallel.wrap import local_tensor
 from membench.saved_tensors import SavedTensorCounter
 
 @dataclass
@@ -74,11 +80,20 @@ class Metrics:
     # Kept for backward as plain attributes of custom autograd functions (not save_for_backward, so not
     # in saved_tensor_bytes; in activation_bytes and the peak): {function: bytes}. See membench.saved_tensors.
     ctx_kept_bytes_by_function: dict[str, int] = field(default_factory=dict)
+    # Data parallelism (membench.parallel.figures); these keep their defaults on one GPU.
+    world_size: int = 1
+    sharded_weight_bytes: Optional[int] = None  # this rank's parameter shards, exact storage bytes (no rounding)
+    shard_padding_bytes: Optional[int] = None  # FSDP2's dim-0 padding summed over all ranks, exact bytes
+    gathered_param_peak_bytes: Optional[int] = None  # FSDP2: peak of gathered (unsharded) parameters
 
 
 def unique_storage_bytes(tensors) -> int:
-    """Allocator bytes of the distinct storages behind ``tensors`` (tied weights count once)."""
-    sizes = {storage_key(t): allocator_bytes(t.untyped_storage().nbytes()) for t in tensors}
+    """Allocator bytes of the distinct storages behind ``tensors`` (tied weights count once; a DTensor
+    counts its rank's local shard)."""
+    sizes = {}
+    for tensor in tensors:
+        local = local_tensor(tensor)
+        sizes[storage_key(local)] = allocator_bytes(local.untyped_storage().nbytes())
     return sum(sizes.values())
 
 
@@ -106,7 +121,8 @@ class MeasuredLoop:
     """
 
     def __init__(self, backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 batch: dict[str, torch.Tensor], autocast_dtype: Optional[torch.dtype], progress: Progress) -> None:
+                 batch: dict[str, torch.Tensor], autocast_dtype: Optional[torch.dtype], progress: Progress,
+                 sharded: bool = False) -> None:
         self.backend = backend
         self.model = model
         self.optimizer = optimizer
@@ -114,6 +130,7 @@ class MeasuredLoop:
         self.autocast_dtype = autocast_dtype
         self.progress = progress
         self.metrics = progress.metrics
+        self.sharded = sharded  # FSDP2: gathered parameters are measured apart
         progress.phase = "model_ready"
         parameters = list(model.parameters())
         self.trainable = [p for p in parameters if p.requires_grad]
@@ -121,7 +138,7 @@ class MeasuredLoop:
         self.metrics.trainable_params = sum(p.numel() for p in self.trainable)
         self.metrics.weight_bytes = unique_storage_bytes(model_tensors(model))  # quantisation state included
         self.metrics.phase_allocated_bytes["model_ready"] = backend.allocated()
-        self._saved = SavedTensorCounter(parameters, model)
+        self._saved = SavedTensorCounter([local_tensor(p) for p in parameters], model, backend.is_gathered)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -145,8 +162,10 @@ class MeasuredLoop:
         self.backend.synchronize()
         start = time.perf_counter()
 
+        if measured:
+            self.backend.gathered_peak(reset=True)
         self._enter("forward")
-        before_forward = self.backend.allocated()
+        before_forward = self._ungathered()
         with contextlib.ExitStack() as saving:
             if measured:
                 origins = saving.enter_context(self.backend.op_origins())
@@ -156,7 +175,7 @@ class MeasuredLoop:
         self._leave("forward", peaks, reserved)
         if measured:
             self._saved.forget_freed()  # packed inside the forward but already dropped: backward keeps none
-            self.metrics.activation_bytes = self.backend.allocated() - before_forward
+            self.metrics.activation_bytes = self._ungathered() - before_forward
             self.metrics.saved_tensor_bytes = self._saved.total_bytes
             self.metrics.saved_bytes_by_module, self.metrics.saved_tensors_by_module = self._saved.by_module()
             self.metrics.saved_bytes_by_op, self.metrics.saved_tensors_by_op = self._saved.by_op()
@@ -176,7 +195,16 @@ class MeasuredLoop:
             self._record_optimizer_state(before_update)
         self.optimizer.zero_grad(set_to_none=True)
         self._leave("optimizer_step", peaks, reserved)
+        if measured and self.sharded and self.backend.gathered() is not None:
+            self.metrics.gathered_param_peak_bytes = max(self.metrics.gathered_param_peak_bytes or 0,
+                                                         self.backend.gathered_peak())
         return time.perf_counter() - start
+
+    def _ungathered(self) -> int:
+        """Allocated bytes less FSDP2's gathered parameters (which are not activations)."""
+        gathered = self.backend.gathered()
+        # Unchanged when nothing is gathered: a symbolic trace's allocated() remembers where it was read.
+        return self.backend.allocated() - gathered if gathered else self.backend.allocated()
 
     def _record_optimizer_state(self, before_update: int) -> None:
         self.backend.host_resident(adamw_host_step_counters(self.optimizer))

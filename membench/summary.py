@@ -31,7 +31,15 @@ def describe_config(config: dict) -> str:
     optimizer = config["train"].get("optimizer", "adamw")
     if optimizer != "adamw":
         parts.append(optimizer)
+    parallel = config.get("parallel") or {}
+    if parallel.get("strategy", "none") != "none":
+        parts.append(f"{parallel['strategy']}x{parallel['world_size']}")
     return " ".join(parts)
+
+
+def per_gpu(config: dict) -> str:
+    """`` per GPU`` for a run over several ranks (its figures are rank 0's), else empty."""
+    return " per GPU" if (config.get("parallel") or {}).get("world_size", 1) > 1 else ""
 
 
 def headline(result: Result) -> str:
@@ -42,7 +50,7 @@ def headline(result: Result) -> str:
     if state == "error":
         message = (result.status.message or "").splitlines()[0] if result.status.message else ""
         return f"{describe_config(result.config)} → ERROR in {result.status.phase}: {message}"
-    figure = f"peak {amount(peak, size)} {unit}"
+    figure = f"peak {amount(peak, size)} {unit}{per_gpu(result.config)}"
     return f"{describe_config(result.config)} → {'OOM, ' if state == 'oom' else ''}{figure}"
 
 
@@ -83,7 +91,10 @@ def summarize(result: Result) -> str:
     paged = m.get("paged_optimizer_state_bytes")
     if paged is not None and result.config["train"].get("optimizer", "").startswith("paged_"):  # in no peak
         breakdown += f"; paged optimizer state {amount(paged, size)} in managed memory, outside the peak"
-    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{reserved_clause(m, result.env)} ({breakdown}; "
+    if m.get("gathered_param_peak_bytes") is not None:
+        breakdown += f"; gathered weights peak {amount(m['gathered_param_peak_bytes'], size)}"
+    figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{per_gpu(result.config)}"
+               f"{reserved_clause(m, result.env)} ({breakdown}; "
                f"saved for backward {amount(m['saved_tensor_bytes'], size)}{kept_clause}), {timing}")
     status = result.status
     if status.state == "ok":

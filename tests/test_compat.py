@@ -27,7 +27,7 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 13
+    assert len(compat.CHECKS) == 14
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
@@ -533,3 +533,71 @@ def test_bitsandbytes_optimizer_as_on_cuda_keeps_maps_on_the_host_and_pages_larg
     found = compat.paged_state_tensors(optimizer)
     assert {id(t) for t in found} == {id(optimizer.state[paged]["state1"]), id(optimizer.state[paged]["state2"])}
     assert compat.paged_state_tensors(torch.optim.SGD([plain])) is None
+
+
+# --- follow_storage_resizes, fake_process_group, fsdp2_api (torch_distributed) ----------------------------
+
+def test_storage_resizes_are_followed_and_the_method_restored_even_after_an_error():
+    original = torch.UntypedStorage.resize_
+    seen = []
+    tensor = torch.empty(64)
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.follow_storage_resizes(lambda storage: seen.append(storage.nbytes())):
+            tensor.untyped_storage().resize_(0)
+            tensor.untyped_storage().resize_(128)
+            raise RuntimeError("inside")
+    assert seen == [0, 128]
+    assert torch.UntypedStorage.resize_ is original
+    tensor.untyped_storage().resize_(64)
+    assert seen == [0, 128]  # no longer followed
+
+
+def test_storage_resize_follower_refuses_a_missing_method(monkeypatch):
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", None)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "has no UntypedStorage.resize_",
+                                               need="to follow FSDP2")):
+        with compat.follow_storage_resizes(lambda storage: None):
+            pass
+
+
+def test_fake_process_group_plays_one_rank_and_is_destroyed_even_after_an_error():
+    import torch.distributed as dist
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.fake_process_group(8, rank=3):
+            assert (dist.get_world_size(), dist.get_rank()) == (8, 3)
+            raise RuntimeError("inside")
+    assert not dist.is_initialized()
+
+
+def test_fsdp2_api_refuses_a_fully_shard_without_the_options_membench_sets(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+
+    assert compat.fsdp2_api()[0] is fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, *, mesh=None: module)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "without reshard_after_forward, mp_policy, "
+                                               "offload_policy", need="to shard a model with FSDP2")):
+        compat.fsdp2_api()
+
+
+def test_dtensor_metadata_scope_pauses_and_restores_torchs_lock():
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._fake_mode_lock
+    calls = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.dtensor_metadata_unseen(lambda: calls.append("pause"), lambda: calls.append("resume")):
+            with ShardingPropagator._fake_mode_lock:
+                assert calls == ["pause"]
+            raise RuntimeError("inside")
+    assert calls == ["pause", "resume"] and ShardingPropagator._fake_mode_lock is original
+
+
+def test_dtensor_metadata_scope_refuses_a_propagator_without_its_lock(monkeypatch):
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    monkeypatch.setattr(ShardingPropagator, "_fake_mode_lock", None)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "has no ShardingPropagator._fake_mode_lock",
+                                               need="to leave out the fake global-shape tensors")):
+        with compat.dtensor_metadata_unseen(lambda: None, lambda: None):
+            pass

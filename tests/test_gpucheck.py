@@ -317,8 +317,9 @@ def test_expandable_check_composes_on_both_backends():
     assert result_id(gpuchecks.run_configs(expandable, *simulate)) != result_id(gpuchecks.run_configs(base, *simulate))
     names = [entry.name for entry in gpuchecks.PROBES]
     assert "snapshot-replay" in names
+    # On one card (the default budget's machine) the probes needing more GPUs are skipped.
     assert (sum(map(gpuchecks.gpu_seconds, CHECKS)) + gpurun.CARD_PROBE_S
-            + sum(entry.estimated_s for entry in gpuchecks.PROBES) <= gpurun.DEFAULT_BUDGET_S)
+            + sum(entry.estimated_s for entry in gpuchecks.PROBES if entry.gpus == 1) <= gpurun.DEFAULT_BUDGET_S)
 
 
 def test_snapshot_replay_probe_reads_the_kit_snapshot(tmp_path):
@@ -351,3 +352,18 @@ def test_snapshot_replay_probe_reads_the_kit_snapshot(tmp_path):
     assert (tmp_path / "logs" / f"{check.name}--snapshot-simulate.log").read_text() == "no simulation here"
     skipped = probes.snapshot_replay(gpuchecks.ProbeContext(tmp_path / "empty", sys.executable, 100.0, runner))
     assert skipped["state"].startswith("skipped: no snapshot")
+
+
+def test_fsdp2_two_gpu_probe_needs_two_gpus_and_its_configs_compose(tmp_path):
+    """Registered for two GPUs; both of its runs' configurations are valid (torchrun's and simulate's)."""
+    from conftest import run_config
+    from membench.gpucheck import parallel_probe
+
+    entry = next(entry for entry in gpuchecks.PROBES if entry.name == "fsdp2-two-gpu")
+    assert entry.gpus == 2
+    argvs = parallel_probe.commands("python", tmp_path, "h100-80gb")
+    assert argvs["cuda"][:6] == ["python", "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
+    for argv in argvs.values():
+        overrides = [arg for arg in argv if "=" in arg and not arg.startswith("--")]
+        run = run_config(*overrides)
+        assert (run.parallel.strategy, run.parallel.world_size) == ("fsdp2", 2)

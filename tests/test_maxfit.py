@@ -342,3 +342,32 @@ def test_method_runs_give_quantized_and_dora_methods_their_base():
                            METHODS)
     assert [(r.method.name, r.model.quantization, r.method.dora, r.method.rank) for r in runs] == [
         ("lora", "none", False, 4), ("qlora", "nf4", False, 4), ("qdora", "nf4", True, 4), ("dora", "none", True, 4)]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("maxfit.world_sizes=[1,2]", "maxfit.world_sizes=\\[1, 2\\] needs parallel.strategy=fsdp2"),
+    ("maxfit.world_sizes=[0]", "maxfit.world_sizes entry 0 must be an integer from 1 to 1024"),
+])
+def test_bad_world_sizes_fail_before_any_probe(override, match, monkeypatch):
+    monkeypatch.setattr(maxfit, "execute", lambda *a, **k: pytest.fail("probed despite bad input"))
+    with pytest.raises(ConfigError, match=match):
+        run_app("model=tiny-llama", override)
+
+
+def test_world_sizes_give_per_gpu_answers_and_the_fewest_gpus_that_fit(tmp_path):
+    """Budget: full fine-tuning's simulated peak at batch 2 on 2 GPUs. It fits there, not on 1 GPU, and 4
+    GPUs (a quarter of the weights, gradients and optimizer state each) fit at least as large a batch."""
+    from membench.runner import measure
+
+    common = ("model=tiny-llama", "backend.name=simulate", "workload.seq_len=16", "parallel.strategy=fsdp2")
+    at_two = measure(run_config(*common, "method=full", "workload.batch_size=2", "parallel.world_size=2"))
+    budget = at_two.metrics["peak_allocated_bytes"]
+    out = io.StringIO()
+    rows, json_path, csv_path = run_app(
+        *common, "workload.batch_size=2", "maxfit.methods=[full]", "maxfit.world_sizes=[1,2,4]",
+        f"maxfit.budgets_bytes=[{budget}]", "maxfit.dimensions=[batch_size]", "maxfit.by=allocated",
+        f"maxfit.output={tmp_path}", out=out)
+    fits = {row["world_size"]: row["max_fit"] for row in rows}
+    assert fits[2] >= 2 and (fits[1] or 0) < 2 and fits[4] >= fits[2]
+    assert "full: batch 2 fits" in out.getvalue() and "per GPU from 2 GPUs (of 1/2/4 tried" in out.getvalue()
+    assert "world_size" in csv_path.read_text().splitlines()[0]

@@ -16,6 +16,19 @@ import torch
 from torch import nn
 
 
+def initialize_in_place(model: nn.Module) -> None:
+    """Give a model materialised with ``to_empty`` real values, in place: transformers' own
+    ``initialize_weights`` (parameters, LoRA's linears among them, and buffers such as position ids
+    and rotary frequencies, which real kernels index with)."""
+    for module in model.modules():
+        if getattr(module, "_is_hf_initialized", False):
+            module._is_hf_initialized = False  # marked on meta; its values are not there any more
+    pretrained = next((module for module in model.modules() if hasattr(module, "initialize_weights")), None)
+    with torch.no_grad():
+        if pretrained is not None:
+            pretrained.initialize_weights()
+
+
 class BusyDeviceError(RuntimeError):
     """The GPU was not empty when a run started: its figures would not be this run's."""
 
@@ -32,10 +45,25 @@ class Backend(ABC):
     name: str
     device: torch.device
     timed: bool = True
+    #: The rank a parallel run plays when membench starts the (fake) process group itself
+    #: (:func:`membench.parallel.process_group`); rank 0 holds the largest shard.
+    rank: int = 0
 
-    def build(self, factory: Callable[[torch.device], nn.Module]) -> nn.Module:
-        """Build the model (with its method applied) on this backend's device."""
-        return factory(self.device)
+    def build(self, factory: Callable[[torch.device], nn.Module],
+              parallelize: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+        """Build the model (with its method applied) on this backend's device.
+
+        Args:
+            parallelize: Wraps the model for data parallelism (:class:`membench.parallel.Parallelizer`);
+                with ``on_meta`` it shards the model on ``meta`` (FSDP2), which is then materialised.
+        """
+        if parallelize is not None and getattr(parallelize, "on_meta", False):
+            model = parallelize(factory(torch.device("meta")))
+            model.to_empty(device=self.device)
+            initialize_in_place(model)
+            return model
+        model = factory(self.device)
+        return parallelize(model) if parallelize is not None else model
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device)
@@ -108,6 +136,18 @@ class Backend(ABC):
 
     @abstractmethod
     def peak_allocated(self) -> int: ...
+
+    def gathered(self) -> Optional[int]:
+        """Live bytes of FSDP2's gathered (unsharded) parameters; None where they are not told apart (cuda)."""
+        return None
+
+    def gathered_peak(self, reset: bool = False) -> Optional[int]:
+        """The peak of :meth:`gathered` since the last reset (``reset``: start a new one); None on cuda."""
+        return None
+
+    def is_gathered(self, storage: torch.UntypedStorage) -> bool:
+        """Whether ``storage`` holds an FSDP2 gathered parameter (never for backends that cannot tell)."""
+        return False
 
     def peak_reserved(self) -> Optional[int]:
         """Peak bytes the allocator held from the driver; None where there is no such allocator."""

@@ -77,10 +77,21 @@ class SimulateBackend(TrackedBackend):
         self.profile = profile
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
 
-    def build(self, factory: Callable[[torch.device], nn.Module]) -> nn.Module:
+    def build(self, factory: Callable[[torch.device], nn.Module],
+              parallelize: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
         model = factory(torch.device("meta"))
+        if parallelize is not None and getattr(parallelize, "on_meta", False):
+            model = parallelize(model)  # FSDP2 shards on meta; to_empty keeps its DTensor parameters
+            # to_empty's empty_like takes the meta local shards as inputs: let this one step accept them.
+            self.fake_mode.allow_non_fake_inputs = True
+            try:
+                with self.fake_mode:
+                    return model.to_empty(device=self.device)
+            finally:
+                self.fake_mode.allow_non_fake_inputs = False
         with self.fake_mode:
-            return materialize(model, self.device, self.fake_mode)
+            model = materialize(model, self.device, self.fake_mode)
+            return parallelize(model) if parallelize is not None else model
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         with self.fake_mode:

@@ -7,6 +7,14 @@ up to 512 bytes, as ``CUDACachingAllocator`` rounds each block. When the
 storage object dies, a finalizer subtracts it again (:func:`membench.compat.when_storage_freed`). Views share a
 storage, so they cost nothing, exactly as on the GPU.
 
+Two things FSDP2 needs (:mod:`membench.parallel`): a storage resized in place
+(``UntypedStorage.resize_``, FSDP2's way of freeing and re-allocating gathered parameters)
+is re-counted at its new size (:meth:`AllocationTracker.resized`, wired up by
+:class:`TrackedBackend` through :func:`membench.compat.follow_storage_resizes`), and DTensor
+ops are left to DTensor, which decomposes them into ops on its local shards that the tracker
+then counts; the fake global-shape tensors DTensor makes first to derive an op's output metadata
+are not counted (:func:`membench.compat.dtensor_metadata_unseen`).
+
 It also remembers which ATen op made each live storage (:meth:`origin`), so
 saved tensors can be attributed to ops at no extra dispatch cost.
 
@@ -25,9 +33,23 @@ import torch
 from membench.allocator import allocator_bytes, returned_tensors, storage_key
 from membench.backends.base import Backend
 from membench.backends.cuda_semantics import CudaSemantics
+from membench.compat import (
+    OpOverload,
+    TorchDispatchMode,
+    dtensor_metadata_unseen,
+    follow_storage_resizes,
+    op_returns_alias,
+    storage_id,
+    when_storage_freed,
+)
+from membench.events import ALLOC, FREE, PHASE, RESIZE, WORKSPACE
 from membench.quantization import is_quantized
-from membench.compat import OpOverload, TorchDispatchMode, storage_id, when_storage_freed
-from membench.events import ALLOC, FREE, PHASE, WORKSPACE
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch without distributed: no DTensor can reach the tracker
+    _DTensor = None
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -51,8 +73,19 @@ class AllocationTracker(TorchDispatchMode):
         self._off_device = False  # while True, new storages are made outside the modelled allocator
         self.allocated = 0
         self.peak = 0
+        #: Live bytes of storages that were resized in place (FSDP2's gathered parameters), and their peak.
+        self._resized: set[int] = set()
+        self.resized_allocated = 0
+        self.resized_peak = 0
         self.events: Optional[list[tuple]] = None
         self._constants = 0  # keys of workspace allocations: negative, never a storage's
+        #: False: a storage first seen as the output of a view op was allocated where this mode does not
+        #: see (another thread) and is not counted; its bytes add to ``unseen_view_bytes`` instead.
+        #: Set for real multi-process runs (membench.parallel.launch), where gloo's reduce-scatter works
+        #: on a full-size copy of its input made on gloo's own thread, a buffer NCCL does not allocate.
+        self._paused = 0  # > 0 while DTensor derives metadata on fake global-shape tensors (not memory)
+        self.count_unseen_views = True
+        self.unseen_view_bytes = 0
         #: While recording, names the module of each allocation (``ModuleScope.current``); None: not logged.
         self.module_of: Optional[Callable[[], Optional[str]]] = None
 
@@ -83,6 +116,11 @@ class AllocationTracker(TorchDispatchMode):
         storage, key = new
         nbytes = storage.nbytes()
         size = allocator_bytes(nbytes)
+        if not self.count_unseen_views and func is not None and op_returns_alias(func):
+            self.unseen_view_bytes += size
+            self._forgotten.add(key)
+            when_storage_freed(storage, self._release, key)
+            return
         self._live[key] = size
         if func is not None:
             self._origin[key] = func
@@ -113,6 +151,35 @@ class AllocationTracker(TorchDispatchMode):
             when_storage_freed(storage, self._release, key)
             return None
         return storage, key
+
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """Re-count a tracked ``storage`` after ``UntypedStorage.resize_``: a free (to 0) or an allocation.
+
+        Logged as a free of the old size and an allocation (op :data:`membench.events.RESIZE`) of the
+        new one, as the caching allocator sees FSDP2's free and re-allocation. From its first resize on,
+        the storage's bytes also count in :attr:`resized_allocated` (FSDP2's gathered parameters).
+        """
+        key = storage_id(storage)
+        old = self._live.get(key)
+        if old is None:
+            return  # not tracked: another device, or made before tracking
+        nbytes = storage.nbytes()
+        new = allocator_bytes(nbytes)
+        if new == old:
+            return
+        if key not in self._resized:
+            self._resized.add(key)
+            self.resized_allocated += old
+        self._live[key] = new
+        self.allocated += new - old
+        self.resized_allocated += new - old
+        self.peak = max(self.peak, self.allocated)
+        self.resized_peak = max(self.resized_peak, self.resized_allocated)
+        if self.events is not None:
+            if old:
+                self.events.append((FREE, key))
+            if new:
+                self.events.append((ALLOC, key, nbytes, RESIZE))
 
     def forget(self, tensor: torch.Tensor) -> None:
         """Stop counting ``tensor``'s storage now: it lives off the device being modelled."""
@@ -152,17 +219,38 @@ class AllocationTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.allocated
 
+    def reset_resized_peak(self) -> None:
+        self.resized_peak = self.resized_allocated
+
+    def was_resized(self, storage: torch.UntypedStorage) -> bool:
+        return storage_id(storage) in self._resized
+
     def _release(self, key: int) -> None:
         if key in self._forgotten:
             self._forgotten.discard(key)
             return
-        self.allocated -= self._live.pop(key)
+        size = self._live.pop(key)
+        self.allocated -= size
+        if key in self._resized:
+            self._resized.discard(key)
+            self.resized_allocated -= size
         self._origin.pop(key, None)
         if self.events is not None:
             self.events.append((FREE, key))
 
+    def pause(self) -> None:
+        """Stop counting op outputs until :meth:`resume` (nested pauses count)."""
+        self._paused += 1
+
+    def resume(self) -> None:
+        self._paused -= 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _DTensor is not None and any(issubclass(kind, _DTensor) for kind in types):
+            return NotImplemented  # DTensor decomposes the op into ops on local tensors, counted then
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         for tensor in returned_tensors(out):
             self.track(tensor, func)
         return out
@@ -188,6 +276,8 @@ class TrackedBackend(Backend):
             self.tracker.track(tensor)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.tracker)
+            stack.enter_context(follow_storage_resizes(self.tracker.resized))
+            stack.enter_context(dtensor_metadata_unseen(self.tracker.pause, self.tracker.resume))
             if self.cuda_semantics:
                 stack.enter_context(CudaSemantics(quantized=any(is_quantized(t) for t in tensors)))
             yield
@@ -215,3 +305,15 @@ class TrackedBackend(Backend):
 
     def peak_allocated(self) -> int:
         return self.tracker.peak
+
+    # FSDP2's gathered parameters are the storages it resizes in place (membench.parallel).
+    def gathered(self) -> Optional[int]:
+        return self.tracker.resized_allocated
+
+    def gathered_peak(self, reset: bool = False) -> Optional[int]:
+        if reset:
+            self.tracker.reset_resized_peak()
+        return self.tracker.resized_peak
+
+    def is_gathered(self, storage: torch.UntypedStorage) -> bool:
+        return self.tracker.was_resized(storage)

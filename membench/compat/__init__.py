@@ -38,6 +38,11 @@ One module per upstream package and concern; patches for other packages
   tracked backend with its quantisation maps on the host and its paged state off the modelled device,
   as on CUDA; :func:`eight_bit_layout` reads the sizes that decide its state from bitsandbytes' source;
   :func:`paged_state_tensors` finds its managed-memory state.
+* ``torch_distributed``: :func:`follow_storage_resizes` (wraps ``UntypedStorage.resize_``, which
+  FSDP2 frees and re-allocates gathered parameters with), :func:`fake_process_group` (torch's fake
+  process group, one rank of any world size in one process), :func:`fsdp2_api` (``fully_shard``
+  and its policies, checked) and :func:`dtensor_metadata_unseen` (pauses the allocator model while
+  DTensor derives output metadata on fake global-shape tensors).
 * ``transformers_models``: :func:`no_packed_sequences` (the packed-sequence
   check) and :func:`enable_activation_checkpointing` (a renamed method).
 
@@ -88,6 +93,13 @@ from membench.compat.torch_memory import (
     storage_id,
     when_storage_freed,
 )
+from membench.compat.torch_distributed import (
+    check_distributed,
+    dtensor_metadata_unseen,
+    fake_process_group,
+    follow_storage_resizes,
+    fsdp2_api,
+)
 from membench.compat.torch_norms import (
     check_layer_norm_and_softmax_routing,
     layer_norm_backward,
@@ -116,6 +128,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "fake_quantized_parameter": check_fake_quantized_parameters,
     "quantization_maps_off_meta": quantization_maps_off_meta,
     "bitsandbytes_optimizer_as_on_cuda": check_bitsandbytes_optimizers,
+    "follow_storage_resizes, fake_process_group, fsdp2_api, dtensor_metadata_unseen": check_distributed,
 }
 
 
@@ -136,6 +149,7 @@ __all__ = [
     "CHECKS", "CompatError", "EightBitLayout", "FakeTensorMode", "bitsandbytes_optimizer_as_on_cuda",
     "eight_bit_layout", "paged_state_tensors", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
     "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter", "quantization_maps_off_meta",
+    "dtensor_metadata_unseen", "fake_process_group", "follow_storage_resizes", "fsdp2_api",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",

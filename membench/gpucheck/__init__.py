@@ -46,5 +46,6 @@ caching-allocator model and lists the allocation sizes the simulated log misses
 from membench.gpucheck.checks import CHECKS, PROBES, Check, Probe, ProbeContext, coverage, probe
 from membench.gpucheck.run import device_key, main
 from membench.gpucheck import probes  # noqa: E402,F401 - registers snapshot-replay
+from membench.gpucheck import parallel_probe  # noqa: E402,F401 - registers fsdp2-two-gpu
 
 __all__ = ["CHECKS", "PROBES", "Check", "Probe", "ProbeContext", "coverage", "device_key", "main", "probe"]

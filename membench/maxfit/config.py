@@ -10,9 +10,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from membench.config import (
+    MAX_WORLD_SIZE,
     BackendConfig,
     MethodConfig,
     ModelConfig,
+    ParallelConfig,
     RunConfig,
     TrainConfig,
     WorkloadConfig,
@@ -41,6 +43,9 @@ class MaxFitConfig:
     confirm: str = "method"
     output: str = "results/maxfit"
     by: str = "reserved"
+    #: Search each method on each of these world sizes (with the command line's parallel.strategy):
+    #: the largest per-GPU value on N GPUs, and the fewest GPUs that fit. null: the configured world size.
+    world_sizes: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         from membench.maxfit.probe import BY
@@ -51,6 +56,13 @@ class MaxFitConfig:
         check_dimensions(self.dimensions)
         if not self.methods:
             raise ConfigError("maxfit.methods=[] names no method; e.g. [full, lora, lora_fa, lora_recompute]")
+        if self.world_sizes is not None:
+            if not self.world_sizes:
+                raise ConfigError("maxfit.world_sizes=[] names no world size; e.g. [1, 2, 4, 8], or null")
+            for size in self.world_sizes:
+                if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_WORLD_SIZE:
+                    raise ConfigError(f"maxfit.world_sizes entry {size!r} must be an integer from 1 to "
+                                      f"{MAX_WORLD_SIZE}")
 
     def budgets(self) -> list[int]:
         """The budgets in integer bytes (``budgets_bytes`` when given, else ``budgets_gib``)."""
@@ -74,6 +86,7 @@ class MaxFitRunConfig(RunConfig):
     workload: WorkloadConfig = MISSING
     train: TrainConfig = MISSING
     backend: BackendConfig = MISSING
+    parallel: ParallelConfig = MISSING
     results_dir: str = MISSING
     force: bool = MISSING
     maxfit: MaxFitConfig = field(default_factory=MaxFitConfig)

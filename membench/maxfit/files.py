@@ -34,7 +34,8 @@ def write_maxfit(rows: list[dict[str, Any]], directory: str | Path, settings: di
     document = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings, "rows": rows,
                 "env": provenance()}  # each row names its backend
     write_atomic(json_path, json.dumps(document, indent=2) + "\n")
-    frame = _typed(pd.DataFrame(rows, columns=COLUMNS))  # nullable integers: 512, not 512.0
+    extra = [key for key in dict.fromkeys(key for row in rows for key in row) if key not in COLUMNS]  # world_size
+    frame = _typed(pd.DataFrame(rows, columns=COLUMNS + extra))  # nullable integers: 512, not 512.0
     write_atomic(csv_path, frame.to_csv(index=False))
     return json_path, csv_path
 

@@ -65,7 +65,8 @@ def verify(finding: Finding, cuda: Prober) -> dict[str, Any]:
 def uses_trace(run: RunConfig) -> bool:
     """Whether a search for ``run`` evaluates its probes from a trace: simulated probes,
     ``backend.trace=auto`` and a trace engine in this installation."""
-    return search_backend(run) == "simulate" and run.backend.trace == "auto" and tracing.engine() is not None
+    return (search_backend(run) == "simulate" and run.backend.trace == "auto" and not run.parallel.enabled
+            and tracing.engine() is not None)  # parallel runs are simulated directly (trace.coverage)
 
 
 def _checked(prober: Prober, finding: Finding) -> list[int]:
@@ -177,6 +178,8 @@ def _row(prober: Prober, finding: Finding, stamp: dict[str, Any]) -> dict[str, A
         "verified_on": None, "verify_peak_bytes_at_max_fit": None, "verify_peak_bytes_at_next": None,
         "verify_agrees": None, "trace": None, "confirmed": None,
         **{key: stamp.get(key) for key in COLUMNS[COLUMNS.index("torch"):]},
+        # A search over several GPUs (maxfit.world_sizes) says how many; one-GPU rows keep their columns.
+        **({"world_size": run.parallel.world_size} if run.parallel.enabled else {}),
     }
 
 

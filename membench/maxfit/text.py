@@ -63,12 +63,25 @@ def _context(group: pd.DataFrame) -> str:
         parts.append(f"batch {int(row['fixed_batch_size'])}")
     if not _missing(row["target_len"]):
         parts.append(f"target_len {int(row['target_len'])}")
+    if "world_size" in group.columns and not _missing(row["world_size"]):
+        parts.append(f"per GPU of {int(row['world_size'])}")
     return ", ".join(parts)
 
 
+def _group_keys(df: pd.DataFrame) -> list[str]:
+    """GROUP, and ``world_size`` for a search over several world sizes (``maxfit.world_sizes``)."""
+    return [*GROUP, "world_size"] if "world_size" in df.columns else GROUP
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["model", "dimension", "budget_bytes"] + (["world_size"] if "world_size" in df.columns else [])
+    return df.sort_values(keys, kind="stable")
+
+
 def _groups(df: pd.DataFrame):
-    keys = df[GROUP].astype(object).where(df[GROUP].notna(), None)
-    for _, index in keys.groupby(GROUP, dropna=False, sort=False).groups.items():
+    group = _group_keys(df)
+    keys = df[group].astype(object).where(df[group].notna(), None)
+    for _, index in keys.groupby(group, dropna=False, sort=False).groups.items():
         yield df.loc[index]
 
 
@@ -79,7 +92,7 @@ def sentences(df: pd.DataFrame) -> list[str]:
     out = []
     if df.empty:
         return out
-    df = df.sort_values(["model", "dimension", "budget_bytes"], kind="stable")
+    df = _sorted(df)
     for group in _groups(df):
         rows = _ordered(group)
         head, rest = rows[0], rows[1:]
@@ -101,10 +114,12 @@ def markdown_table(df: pd.DataFrame) -> str:
     """A Markdown table: one line per model x dimension x fixed setting x budget, one column per method."""
     if df.empty:
         return "(no max-fit rows)"
-    df = df.sort_values(["model", "dimension", "budget_bytes"], kind="stable")
+    df = _sorted(df)
     methods = list(dict.fromkeys(df["method"]))
-    lines = ["| model | precision | LoRA rank | searched | held fixed | budget | " + " | ".join(methods) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(methods)]
+    gpus = "world_size" in df.columns
+    lines = ["| model | precision | LoRA rank | searched | held fixed | " + ("GPUs | " if gpus else "")
+             + "budget | " + " | ".join(methods) + " |",
+             "|---|---|---|---|---|" + ("---|" if gpus else "") + "---|" + "---|" * len(methods)]
     for group in _groups(df):
         row = group.iloc[0]
         fixed = (f"seq_len {int(row['fixed_seq_len'])}" if row["dimension"] == "batch_size"
@@ -117,6 +132,27 @@ def markdown_table(df: pd.DataFrame) -> str:
                 continue
             cells.append(fit_text(match.iloc[0]))
         ranks = "/".join(str(r) for r in sorted({int(r) for r in group["rank"] if not _missing(r)})) or "—"
-        lines.append(f"| {row['model']} | {row['precision']} | {ranks} | {row['dimension']} | {fixed} | "
+        world = f"{int(row['world_size'])} | " if gpus else ""
+        lines.append(f"| {row['model']} | {row['precision']} | {ranks} | {row['dimension']} | {fixed} | {world}"
                      f"{budget_label(row['budget_bytes'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def fewest_gpus(df: pd.DataFrame, wanted: dict[str, int]) -> list[str]:
+    """For a search over world sizes: per method, dimension and budget, the fewest GPUs on which the
+    configured value (``wanted[dimension]``: workload.batch_size or workload.seq_len) fits, e.g.
+    ``lora_fa: batch 1 fits 80 GiB per GPU from 8 GPUs (of 4/8/16 tried)``."""
+    if df.empty or "world_size" not in df.columns:
+        return []
+    out = []
+    keys = ["model", "method", "dimension", "budget_bytes"]
+    for _, group in df.groupby(keys, sort=False):
+        row = group.iloc[0]
+        tried = sorted(int(w) for w in group["world_size"])
+        value = wanted[row["dimension"]]
+        fitting = sorted(int(r["world_size"]) for _, r in group.iterrows()
+                         if not _missing(r["max_fit"]) and int(r["max_fit"]) >= value)
+        answer = f"from {fitting[0]} GPU{'s' if fitting[0] > 1 else ''}" if fitting else "on none"
+        out.append(f"{row['method']}: {NOUN[row['dimension']]} {value} fits {budget_label(row['budget_bytes'])} "
+                   f"per GPU {answer} (of {'/'.join(map(str, tried))} tried; {row['model']}, {row['precision']})")
+    return out

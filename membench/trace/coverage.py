@@ -42,6 +42,8 @@ def covered(run: RunConfig) -> Optional[str]:
         return f"backend {name} measures, it does not simulate"
     if backend.memory_snapshot:
         return "memory snapshots come from a direct run"
+    if run.parallel.enabled:
+        return f"parallel.strategy={run.parallel.strategy} is simulated directly (traces are recorded on one GPU)"
     if fake_device(run) != "cpu":
         return "fake CUDA tensors are not covered yet (only fake CPU tensors with cuda_semantics)"
     if not backend.cuda_semantics:
