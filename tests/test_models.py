@@ -52,7 +52,8 @@ def test_catalogue_matches_published_size(model):
     assert the_plan.adapted
     head = the_plan.meta_model.get_output_embeddings()
     assert all(not layer.name.endswith(("lm_head", "classifier", "out_proj")) for layer in the_plan.adapted), head
-    assert bool(the_plan.not_adapted) == (model in MOE)
+    # MoE experts are fused 3-D parameters: adapted through PEFT's target_parameters, none left out.
+    assert bool(the_plan.target_parameters) == (model in MOE) and not the_plan.not_adapted
 
 
 def test_all_linear_spelling_and_gemma2_falls_back_to_eager():
