@@ -194,3 +194,23 @@ def test_fsdp2_with_a_quantised_base_or_an_optimizer_it_breaks_is_refused_before
     with pytest.raises(ConfigError, match=match):
         plan(run_config("model=tiny-llama", "method=lora", override, "parallel.strategy=fsdp2",
                         "parallel.world_size=2", "backend.name=simulate"))
+
+
+def test_report_shows_per_gpu_peak_by_world_size_and_the_fewest_gpus(tmp_path):
+    """membench-report on FSDP2 runs: scale.md lists each world size's per-GPU peak, the figure is written."""
+    from membench.report.cli import build_report
+    from membench.results import write_result
+
+    runs = tmp_path / "runs"
+    peaks = {}
+    for size in (2, 4):
+        result = measure(tiny("tiny-llama", "full", "parallel.strategy=fsdp2", f"parallel.world_size={size}",
+                              backend="simulate"))
+        write_result(result, runs)
+        peaks[size] = result.metrics["peak_allocated_bytes"]
+    assert peaks[4] < peaks[2]  # a quarter of the weights, gradients and optimizer state instead of a half
+    written, _ = build_report([runs], tmp_path / "report")
+    table = (tmp_path / "report" / "scale.md").read_text()
+    assert f"{peaks[2] / (1 << 30):.1f}" in table and "2 GPUs" in table and "4 GPUs" in table
+    assert "fewest (NVIDIA H100 80GB HBM3)" in table and "| 2 |" in table  # a tiny model fits from 2 GPUs on
+    assert tmp_path / "report" / "figures" / "peak_vs_world_size.png" in written

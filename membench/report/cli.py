@@ -18,7 +18,7 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
 from membench.files import write_atomic
-from membench.report import analytic, figures, quantized, tables, validate, verdict, where
+from membench.report import analytic, figures, quantized, scale, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
 
@@ -134,6 +134,9 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
              "comparison": (tables.comparison_table(frame), "Peak memory per method and the ratios between them"),
              "breakdown": (tables.breakdown_table(frame), "Every run: peak and its breakdown (GiB)"),
              "verdict": (verdict.verdict_table(frame), f"LoRA/LoRA-FA ratio against the {verdict.CLAIM}x claim")}
+    if scale.has_parallel(frame):
+        named["scale"] = (scale.fewest_gpus_table(frame),
+                          "Per-GPU peak (GiB) by number of GPUs under FSDP2, and the fewest GPUs that fit each card")
     if quantized.has_quantized(frame):
         named["quantized"] = (quantized.quantized_table(frame),
                               "Peak memory (GiB) with a 4-bit base and with DoRA; LoRA-FA's ratio on each base")
@@ -147,6 +150,8 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
             write_atomic(path, text)
             written.append(path)
     written += figures.save_all(frame, out / "figures")
+    if scale.has_parallel(frame):
+        written += figures.save_figure(scale.peak_vs_world_size(frame), out / "figures", "peak_vs_world_size")
     if quantized.has_quantized(frame):
         written += figures.save_figure(quantized.stacked_by_batch(frame), out / "figures", "quantized_by_batch")
     written += write_validation(frame, out)
@@ -163,6 +168,8 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
     index += ["## Figures\n"] + [f"![{name}](figures/{name}.png)\n" for name in figures.FIGURES]
     if quantized.has_quantized(frame):
         index += ["![quantized_by_batch](figures/quantized_by_batch.png)\n"]
+    if scale.has_parallel(frame):
+        index += ["![peak_vs_world_size](figures/peak_vs_world_size.png)\n"]
     index += ["## Files\n", "- `runs.csv`: every run, one row each (bytes as integers)",
               "- `comparison.md|tex`, `breakdown.md|tex`, `headline.md|tex`: tables",
               "- `verdict.md|tex`: the claim, configuration by configuration, and what drives the ratio",
@@ -170,6 +177,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
               "- `analytic.md|tex`: the symbolic walk (membench/analytic/) and Korthikanti's formula vs measured",
               "- `maxfit.md` (with membench-maxfit results): the largest batch and sequence each method fits",
               "- `attribution.md`, `figures/attribution.png|pdf`: which modules hold LoRA's extra saved bytes",
+              "- `scale.md|tex`, `figures/peak_vs_world_size` (with FSDP2 runs): per-GPU peak by GPU count",
               "- `quantized.md|tex` (with QLoRA or DoRA runs): each method's peak, LoRA-FA's ratio on a 4-bit base",
               "- `figures/*.png|pdf`\n"]
     write_atomic(out / "README.md", "\n".join(index))

@@ -55,6 +55,8 @@ def row(result: Result, path: Path) -> dict:
         "attn_implementation": model.get("attn_implementation", "sdpa"),
         "method": method["name"], "kind": method["kind"], "recompute": bool(method["gradient_checkpointing"]),
         "quantization": model.get("quantization", "none"), "dora": bool(method.get("dora", False)),
+        "strategy": (config.get("parallel") or {}).get("strategy", "none"),
+        "world_size": (config.get("parallel") or {}).get("world_size", 1),
         "rank": method.get("rank"), "alpha": method.get("alpha"),
         "adapter_dtype": method.get("adapter_dtype") if method["kind"] != "full" else None,
         "lora_dropout": method.get("lora_dropout") if method["kind"] != "full" else None,
