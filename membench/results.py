@@ -191,6 +191,15 @@ def write_rows(path: str | Path, rows: list[dict], backend: str) -> Path:
     return write_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
+def _installed_version(distribution: str) -> Optional[str]:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def provenance() -> dict[str, Any]:
     """Package versions and the membench source (version, git state) that produced a result."""
     import peft
@@ -201,6 +210,8 @@ def provenance() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        # QLoRA bases and 8-bit optimizers run bitsandbytes' own code; None where it is not installed
+        "bitsandbytes": _installed_version("bitsandbytes"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         **source_provenance(),

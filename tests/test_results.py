@@ -45,6 +45,9 @@ def test_sections_and_provenance(result, tmp_path):
     for key in ("backend", "device_name", "torch", "transformers", "peft", "membench_version", "git_sha", "git_dirty",
                 "created_at"):
         assert key in data["env"]
+    import importlib.metadata
+
+    assert data["env"]["bitsandbytes"] == importlib.metadata.version("bitsandbytes")
     assert data["config"]["backend"]["name"] == "simulate"  # resolved, never "auto"
     assert data["config"]["method"]["target_modules"] is None  # as asked: the family default...
     assert data["env"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
