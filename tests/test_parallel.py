@@ -212,5 +212,13 @@ def test_report_shows_per_gpu_peak_by_world_size_and_the_fewest_gpus(tmp_path):
     written, _ = build_report([runs], tmp_path / "report")
     table = (tmp_path / "report" / "scale.md").read_text()
     assert f"{peaks[2] / (1 << 30):.1f}" in table and "2 GPUs" in table and "4 GPUs" in table
-    assert "fewest (NVIDIA H100 80GB HBM3)" in table and "| 2 |" in table  # a tiny model fits from 2 GPUs on
+    assert "fewest (NVIDIA H100 80GB HBM3)" in table and "| ≤ 2 |" in table  # a tiny model fits on the fewest run
     assert tmp_path / "report" / "figures" / "peak_vs_world_size.png" in written
+    # LoRA and LoRA-FA at two world sizes: each world size is its own workload (attribution picked one per
+    # workload and failed when two runs shared it)
+    for size in (2, 4):
+        for method in ("lora", "lora_fa"):
+            write_result(measure(tiny("tiny-llama", method, "parallel.strategy=fsdp2", f"parallel.world_size={size}",
+                                      backend="simulate")), runs)
+    build_report([runs], tmp_path / "report")
+    assert "## tiny-llama: tiny-llama r=8 bs=2 seq=16 fp32 fsdp2x" in (tmp_path / "report" / "attribution.md").read_text()

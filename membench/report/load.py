@@ -21,7 +21,7 @@ BYTE_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "fragmentation_by
                 "device_total_memory_bytes")
 #: Columns that identify a workload apart from the method; runs equal on these are compared.
 SETTING = ("model", "precision", "batch_size", "seq_len", "target_len", "attn_implementation",
-           "optimizer", "optimizer_impl", "backend", "device_name")
+           "optimizer", "optimizer_impl", "backend", "device_name", "strategy", "world_size")
 #: What distinguishes adapter configurations (None for full fine-tuning).
 ADAPTER = ("rank", "alpha", "adapter_dtype", "lora_dropout", "target_modules")
 

@@ -30,7 +30,8 @@ def _capacities() -> dict[str, int]:
 
 
 def fewest_gpus_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per model, method, batch and seq: per-GPU peak (GiB) at each world size, and the fewest GPUs that fit each card."""
+    """Per model, method, batch and seq: per-GPU peak (GiB) at each world size, and the fewest GPUs that fit each card
+    (among the world sizes run: "≤ 8" when the smallest one run already fits, "> 64" when none does)."""
     runs = _runs(frame)
     if runs.empty:
         return pd.DataFrame()
@@ -44,7 +45,9 @@ def fewest_gpus_table(frame: pd.DataFrame) -> pd.DataFrame:
         row.update({f"{size} GPUs": f"{peak / GIB:.1f}" for size, peak in peaks.items()})
         for name, capacity in capacities.items():
             fitting = [size for size, peak in peaks.items() if peak <= capacity]
-            row[f"fewest ({name})"] = str(min(fitting)) if fitting else f"> {max(peaks.index)}"
+            smallest = min(peaks.index)
+            row[f"fewest ({name})"] = ((f"≤ {smallest}" if min(fitting) == smallest else str(min(fitting)))
+                                       if fitting else f"> {max(peaks.index)}")
         rows.append(row)
     return pd.DataFrame(rows)
 
