@@ -161,6 +161,10 @@ def installed_source(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
     return {"membench_version": dist.version, "git_sha": commit, "git_dirty": False if commit else None}
 
 
+#: What ``git_dirty`` looks at: the code and its configs (relative to the checkout's top).
+SOURCE_PATHS = ("membench", "hydra_plugins", "pyproject.toml")
+
+
 def source_provenance(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
     """Which membench source produced a result: version, commit and whether it had local changes.
 
@@ -171,7 +175,9 @@ def source_provenance(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
     top = source_checkout(package_dir)
     if top is None:
         return installed
-    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=top)
+    # Local changes to the code only: results/ and other data in the checkout are what membench writes,
+    # so regenerating committed results must not mark the later ones as made by a modified membench.
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS, cwd=top)
     version = installed["membench_version"]
     if version is None:  # an editable install's metadata lives elsewhere: still this checkout's version
         try:

@@ -305,3 +305,26 @@ def test_failure_while_building_is_a_result(monkeypatch):
     monkeypatch.setattr(membench.runner, "build", broken_build)
     result = measure(tiny("tiny-llama", "lora", backend="cpu"))
     assert (result.status.state, result.status.phase) == ("error", "build")
+
+
+def test_git_dirty_means_changed_code_not_rewritten_results(tmp_path):
+    """Regenerating committed results rewrites tracked files under results/: that is not a modified membench."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "membench").mkdir()
+    (tmp_path / "membench" / "__init__.py").write_text("")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "run.json").write_text("{}")
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "x", "--allow-empty")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "files")
+    package = (tmp_path / "membench").resolve()
+    (tmp_path / "results" / "run.json").write_text('{"regenerated": true}')
+    assert membench.results.source_provenance(package)["git_dirty"] is False
+    (tmp_path / "membench" / "__init__.py").write_text("x = 1\n")
+    assert membench.results.source_provenance(package)["git_dirty"] is True
