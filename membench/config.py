@@ -124,6 +124,8 @@ class ModelConfig:
         if self.quantization == "none" and self.prepare_kbit_training:
             raise ConfigError("model.prepare_kbit_training=true prepares a quantised base; set model.quantization "
                               f"({', '.join(q for q in QUANTIZATIONS if q != 'none')}) or drop it")
+        if self.quantization != "none":
+            require_bitsandbytes(f"model.quantization={self.quantization}", "use model.quantization=none")
         if self.quantization == "int8" and (self.compute_dtype is not None or self.quant_storage != "uint8"):
             raise ConfigError("model.compute_dtype / model.quant_storage are 4-bit knobs; model.quantization=int8 "
                               "(LLM.int8()) has neither: drop them or use nf4 / fp4")
@@ -305,18 +307,19 @@ class TrainConfig:
             raise ConfigError(f"train.momentum={self.momentum!r} applies to train.optimizer=sgd only, "
                               f"not {self.optimizer}: drop it")
         if self.optimizer in BITSANDBYTES_OPTIMIZERS:
-            require_bitsandbytes(f"train.optimizer={self.optimizer}")
+            require_bitsandbytes(f"train.optimizer={self.optimizer}", "choose train.optimizer=adamw, adafactor or sgd")
 
 
-def require_bitsandbytes(what: str) -> None:
-    """Raise ConfigError unless bitsandbytes imports (costs its import, about 2 s, once per process)."""
+def require_bitsandbytes(what: str, instead: str) -> None:
+    """Raise ConfigError naming ``what`` and ``instead`` unless bitsandbytes imports (its import costs about
+    2 s, once per process)."""
     import importlib
 
     try:
         importlib.import_module("bitsandbytes")
     except ImportError as error:
         raise ConfigError(f"{what} needs bitsandbytes, which cannot be imported here ({error}); install it "
-                          f"(pip install bitsandbytes) or choose train.optimizer=adamw, adafactor or sgd") from None
+                          f"(pip install bitsandbytes) or {instead}") from None
 
 
 @dataclass

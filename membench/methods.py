@@ -14,7 +14,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 
 from membench.compat import enable_activation_checkpointing
-from membench.config import MethodConfig, TrainConfig
+from membench.config import MethodConfig, ModelConfig, RunConfig, TrainConfig
+from membench.models import build_model
+from membench.quantization import prepare_for_kbit_training, quantize_base
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-autocast": torch.float32}
 PEFT_TASKS = {
@@ -79,3 +81,20 @@ def apply_method(
             if ".lora_A." in name:
                 param.requires_grad_(False)
     return peft_model
+
+
+def build_for_method(run: RunConfig, model: ModelConfig, hf_config, targets: list[str], excludes: list[str],
+                     target_parameters: list[str], device: str | torch.device) -> nn.Module:
+    """``run``'s model on ``device``, ready to train: built from ``hf_config`` (``model`` is ``run.model`` with
+    task and attention resolved), its base quantised as ``run.model`` asks, then ``run.method`` applied.
+
+    A fresh model every call (on meta it costs milliseconds): PEFT wraps in place.
+    """
+    dtype = weight_dtype(run.train)
+    built = build_model(model, hf_config, dtype, device)
+    if run.model.quantization != "none":
+        built = quantize_base(built, run.model, run.train.precision, torch.device(device))
+        if run.model.prepare_kbit_training:
+            built = prepare_for_kbit_training(built)
+    with torch.device(device):  # PEFT creates adapters on the default device, then moves them
+        return apply_method(built, run.method, model.task, targets, excludes, dtype, target_parameters)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -91,16 +90,10 @@ def check_dora_layers(run: RunConfig, model: ModelConfig, hf_config: PretrainedC
     Raises:
         ConfigError: PEFT refuses DoRA for one of them (its message names the layer type).
     """
-    from membench.methods import apply_method
+    from membench.methods import build_for_method
 
-    meta = build_model(model, hf_config, weight_dtype(run.train), "meta")
-    if run.model.quantization != "none":
-        from membench.quantization import quantize_base
-
-        meta = quantize_base(meta, run.model, run.train.precision, torch.device("meta"))
-    try:
-        with torch.device("meta"):
-            apply_method(meta, run.method, model.task, targets, excludes, weight_dtype(run.train), target_parameters)
+    try:  # the same build as the run's (membench.runner.build), on meta
+        build_for_method(run, model, hf_config, targets, excludes, target_parameters, "meta")
     except ValueError as error:
         raise ConfigError(
             f"method.dora=true: PEFT's DoRA does not support a layer method.target_modules={targets} selects "
@@ -118,10 +111,6 @@ def plan(run: RunConfig) -> Plan:
             nothing, rank too large, a backend option the backend lacks.
     """
     backend_name = resolve_name(run.backend)  # e.g. memory_snapshot on a backend=auto that resolves to simulate
-    if run.model.quantization != "none":
-        from membench.quantization import require_bitsandbytes
-
-        require_bitsandbytes(f"model.quantization={run.model.quantization}")
     hf_config = load_hf_config(run.model)
     model, resolution = resolve_model(run.model, hf_config)
     if model.task != "seq2seq_lm" and run.workload.target_len is not None:

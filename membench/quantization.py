@@ -39,16 +39,6 @@ PRECISION_COMPUTE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "bf16-autoc
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "uint8": torch.uint8}
 
 
-def require_bitsandbytes(what: str):
-    """The ``bitsandbytes`` module; a ConfigError naming ``what`` needs it when it is not installed."""
-    try:
-        import bitsandbytes
-    except ImportError as error:
-        raise ConfigError(f"{what} needs bitsandbytes, which is not installed ({error}); "
-                          "pip install bitsandbytes, or drop it") from error
-    return bitsandbytes
-
-
 def compute_dtype(model: ModelConfig, precision: str) -> str:
     """``model.compute_dtype``, or the dtype ``precision`` computes in."""
     return model.compute_dtype or PRECISION_COMPUTE[precision]
@@ -73,7 +63,6 @@ def bnb_config(model: ModelConfig, precision: str):
     """transformers' ``BitsAndBytesConfig`` for ``model``'s quantisation knobs."""
     from transformers import BitsAndBytesConfig
 
-    require_bitsandbytes(f"model.quantization={model.quantization}")
     if model.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -108,8 +97,7 @@ def quantize_base(model: nn.Module, settings: ModelConfig, precision: str, devic
         old = originals[name]
         weight = old.weight.T if isinstance(old, Conv1D) else old.weight  # Conv1D stores in x out
         if four_bit:
-            options = {key: value for key, value in layer.weight.__dict__.items()}
-            quantized = bnb.nn.Params4bit(weight.detach(), requires_grad=False, **options)
+            quantized = bnb.nn.Params4bit(weight.detach(), requires_grad=False, **layer.weight.__dict__)
         else:
             quantized = bnb.nn.Int8Params(weight.detach(), requires_grad=False, has_fp16_weights=False)
         # .to() quantises on a real device; on meta it would only move, so quantise there directly

@@ -21,13 +21,12 @@ from torch import nn
 from membench.backends import Backend, create_backend, resolve_name
 from membench.config import RunConfig
 from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, run_id
-from membench.methods import apply_method, autocast_dtype, weight_dtype
-from membench.models import build_model
+from membench.methods import autocast_dtype, build_for_method
 from membench.optim import build_optimizer, replaces_state_each_step
 from membench.parallel import local_tensor, parallelizer, process_group
 from membench.parallel.figures import shard_figures
 from membench.plan import Plan, plan
-from membench.quantization import model_tensors, prepare_for_kbit_training, quantize_base
+from membench.quantization import model_tensors
 from membench.results import Result, Status, provenance
 from membench.step import MeasuredLoop, Metrics, Progress
 from membench.workload import make_batch
@@ -61,19 +60,11 @@ def build(the_plan: Plan, backend: Backend, mesh=None) -> tuple[nn.Module, dict[
     """The model (method applied, wrapped for ``run.parallel`` on ``mesh``, in train mode) and one
     synthetic batch, on ``backend``'s device."""
     run = the_plan.run
-    dtype = weight_dtype(run.train)
 
     def factory(device: torch.device) -> nn.Module:
-        # A fresh model every time (on meta this costs milliseconds): PEFT wraps in place,
-        # and a plan must stay executable more than once.
-        model = build_model(the_plan.model, the_plan.hf_config, dtype, device)  # task, attention resolved
-        if run.model.quantization != "none":
-            model = quantize_base(model, run.model, run.train.precision, torch.device(device))
-            if run.model.prepare_kbit_training:
-                model = prepare_for_kbit_training(model)
-        with torch.device(device):  # PEFT creates adapters on the default device, then moves them
-            return apply_method(model, run.method, the_plan.model.task, the_plan.targets, the_plan.excludes, dtype,
-                                the_plan.target_parameters)
+        # A fresh model every time: a plan must stay executable more than once.
+        return build_for_method(run, the_plan.model, the_plan.hf_config, the_plan.targets, the_plan.excludes,
+                                the_plan.target_parameters, device)
 
     torch.manual_seed(run.workload.seed)
     model = backend.build(factory, parallelizer(run.parallel, mesh))

@@ -19,7 +19,7 @@ from membench.allocator import allocator_bytes
 from membench.errors import ConfigError
 from membench.plan import plan
 from membench.runner import build, measure
-from test_simulate import without_overhead
+from test_simulate import assert_simulate_equals_cpu
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -40,8 +40,7 @@ CASES = [
 def test_simulate_equals_cpu(method, extra):
     real = measure(tiny("tiny-llama", method, *extra, backend="cpu"))
     simulated = measure(tiny("tiny-llama", method, *extra, backend="simulate"))
-    assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
-    assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
+    assert_simulate_equals_cpu(real, simulated)
     assert simulated.metrics["ctx_kept_bytes_by_function"] == real.metrics["ctx_kept_bytes_by_function"]
 
 
@@ -152,21 +151,15 @@ def test_bad_input_is_named(overrides, expected):
     assert expected in str(error.value)
 
 
-def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
-    import builtins
+def test_missing_bitsandbytes_is_a_clear_error_before_any_model(monkeypatch):
+    import sys
 
-    real_import = builtins.__import__
+    import membench.runner
 
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
-    from membench.quantization import require_bitsandbytes
-
-    with pytest.raises(ConfigError, match="model.quantization=nf4 needs bitsandbytes"):
-        require_bitsandbytes("model.quantization=nf4")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # "import bitsandbytes" raises ImportError
+    monkeypatch.setattr(membench.runner, "build", lambda *args: pytest.fail("a model was built"))
+    with pytest.raises(ConfigError, match="model.quantization=nf4 needs bitsandbytes.*use model.quantization=none"):
+        run_config("model=tiny-llama", "method=qlora")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -117,6 +117,8 @@ def stacked_by_batch(frame: pd.DataFrame):
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from membench.report.figures import COLORS
+
     runs = frame[frame["method"].isin(METHODS) & frame["status"].isin(["ok", "oom"])]
     panels = runs[["model", "seq_len"]].drop_duplicates().sort_values(["model", "seq_len"]).values.tolist()
     if not panels:
@@ -167,5 +169,3 @@ def stacked_by_batch(frame: pd.DataFrame):
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     return fig
 
-
-from membench.report.figures import COLORS  # noqa: E402  (figures imports tables; no cycle back here)
