@@ -17,7 +17,7 @@ from membench.identity import recorded_config, result_id
 from membench.plan import plan
 from membench.runner import execute, measure
 from membench.summary import summarize
-from test_simulate import without_overhead
+from test_simulate import assert_simulate_equals_cpu
 
 FSDP = ("parallel.strategy=fsdp2",)
 
@@ -105,8 +105,7 @@ def test_fsdp2_simulation_equals_real_execution_of_the_same_rank(method, extra):
     """simulate (fake tensors) == cpu (real tensors), both as rank 0 of 4 on the fake process group."""
     real = execute(plan(fsdp(4, *extra, method=method, backend="cpu")))  # in this process, on the fake group
     simulated = measure(fsdp(4, *extra, method=method))
-    assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
-    assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
+    assert_simulate_equals_cpu(real, simulated)
     for key in ("sharded_weight_bytes", "shard_padding_bytes", "gathered_param_peak_bytes"):
         assert simulated.metrics[key] == real.metrics[key], key
 
@@ -118,8 +117,7 @@ def test_fsdp2_shards_every_family_and_simulation_still_equals_real_execution(mo
     args = (model, "lora_fa", *FSDP, "parallel.world_size=2")
     real = execute(plan(tiny(*args, backend="cpu")))
     simulated = measure(tiny(*args, backend="simulate"))
-    assert real.status.state == simulated.status.state == "ok", (real.status, simulated.status)
-    assert without_overhead(simulated.metrics) == without_overhead(real.metrics)
+    assert_simulate_equals_cpu(real, simulated)
 
 
 def test_the_process_group_never_outlives_a_run(monkeypatch):
