@@ -45,3 +45,29 @@ def position(job_number: Optional[int]) -> str:
         return ""
     total = os.environ.get(TOTAL_ENV)
     return f"[{job_number + 1}/{total}] " if total else f"[{job_number + 1}] "
+
+
+def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
+    """Job indices in launch order for parallel workers: ``[recorders, evaluators]``.
+
+    Jobs that one symbolic trace answers (:func:`membench.trace.covered`) share its cache key.
+    Launched all at once, two workers would record the same trace side by side; so the first
+    wave holds one job per trace key and every job a trace does not cover, and the second wave
+    the jobs that then evaluate from the cached traces. Within a wave the sweep's order is kept.
+    A result does not depend on the order (tests/test_sweep.py).
+    """
+    from membench.trace import covered
+    from membench.trace.key import trace_key
+
+    first: list[int] = []
+    later: list[int] = []
+    keys: set[str] = set()
+    for index, run in enumerate(runs):
+        key = trace_key(run) if covered(run) is None else None
+        if key is not None and key in keys:
+            later.append(index)
+        else:
+            first.append(index)
+            if key is not None:
+                keys.add(key)
+    return [wave for wave in (first, later) if wave]

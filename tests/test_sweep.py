@@ -145,3 +145,36 @@ def test_isolated_launcher_runs_each_configuration_in_its_own_process(tmp_path):
     logs = list((tmp_path / "multirun").rglob("*_log.out"))
     assert len(logs) == 2  # one submitit job (process) per configuration
     assert len(results(tmp_path)) == 2
+
+
+def test_trace_waves_record_each_trace_once_before_evaluating_it():
+    from membench.sweep import trace_waves
+
+    runs = [tiny("tiny-llama", "lora", "workload.batch_size=2", backend="simulate"),
+            tiny("tiny-llama", "lora", "workload.batch_size=3", backend="simulate"),    # same trace as 0
+            tiny("tiny-llama", "lora_fa", "workload.batch_size=3", backend="simulate"),  # its own trace
+            tiny("tiny-llama", "lora", "workload.batch_size=1", backend="simulate"),    # size 1: direct
+            tiny("tiny-llama", "lora", "workload.batch_size=4", "backend.trace=off", backend="simulate"),  # direct
+            tiny("tiny-llama", "lora", "workload.batch_size=5", "workload.seq_len=40", backend="simulate")]  # as 0
+    assert trace_waves(runs) == [[0, 2, 3, 4], [1, 5]]
+    assert trace_waves(runs[3:5]) == [[0, 1]]  # nothing to evaluate later: one wave
+
+
+def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tmp_path):
+    sweep = ["model=tiny-llama", "method=lora,lora_fa", "workload.batch_size=2,3", "workload.seq_len=16",
+             "backend.name=simulate"]
+    pooled = membench("-m", "hydra/launcher=processes", "hydra.launcher.n_jobs=2", *sweep,
+                      "results_dir=pooled", cwd=tmp_path)
+    assert pooled.returncode == 0, pooled.stderr
+    assert "4 configurations; 0 already measured" in pooled.stdout
+    assert pooled.stdout.count(" → peak ") == 4  # each job's line once (workers print to this terminal)
+    first_wave = [line for line in pooled.stdout.splitlines() if line.startswith(("[1/4]", "[2/4]"))]
+    assert all("bs=2" in line for line in first_wave), pooled.stdout  # one job per trace first
+    serial = membench("-m", *sweep, "results_dir=serial", cwd=tmp_path)
+    assert serial.returncode == 0, serial.stderr
+
+    def metrics(folder):
+        return {path.name: read_result(path).metrics for path in (tmp_path / folder).glob("*.json")}
+
+    assert len(metrics("pooled")) == 4
+    assert metrics("pooled") == metrics("serial")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 
 import pytest
@@ -109,7 +110,7 @@ def test_size_one_and_other_backends_go_direct(capsys, tmp_path):
     assert "target length 1" in covered(sized("tiny-t5", "lora", 2, 8, "workload.target_len=1"))
     assert "measures" in covered(tiny("tiny-llama", "lora", backend="cpu"))
     assert covered(sized("tiny-llama", "lora", 2, 16, "backend.trace=off")) == "backend.trace=off"
-    assert "multiples of 32" in covered(sized("tiny-t5", "lora", 2, 16))  # its guard on S % 32 is caught too
+    assert covered(sized("tiny-t5", "lora", 2, 16)) is None  # its guard on S % 32 splits the trace instead
     run = sized("tiny-llama", "lora", 1, 16)
     result = simulate_via_trace(run, cache_dir=str(tmp_path))
     assert "trace" not in result.env and result.status.state == "ok"
@@ -194,14 +195,27 @@ def mlp_depends_on_length(monkeypatch):
 
 
 def test_a_guard_beyond_bounds_falls_back(mlp_depends_on_length, tmp_path, capsys):
-    mlp_depends_on_length(lambda length: length % 2 == 0)
+    mlp_depends_on_length(lambda length: (length // 3) * (length // 5) > 2 * length)  # neither a bound nor periodic
     run = sized("tiny-llama", "lora", 3, 16)
     with pytest.raises(TraceNotGeneral, match="guard"):
         record_trace(run)
-    odd = sized("tiny-llama", "lora", 3, 17)
+    odd = sized("tiny-llama", "lora", 3, 47)
     result = simulate_via_trace(odd, cache_dir=str(tmp_path))
     assert "trace" not in result.env and "simulating directly" in capsys.readouterr().err
     assert result.metrics == measure(odd).metrics
+
+
+def test_a_periodic_guard_splits_the_trace_by_residue_class(mlp_depends_on_length, tmp_path):
+    mlp_depends_on_length(lambda length: length % 3 == 1)
+    trace = load_or_record(sized("tiny-llama", "lora", 3, 16), tmp_path)
+    assert trace.classes == {"S": (3, (1,))} and trace.validity["S"] == (2, 1 << 20)
+    assert_same(evaluate(trace, sized("tiny-llama", "lora", 5, 34)), measure(sized("tiny-llama", "lora", 5, 34)))
+    other = sized("tiny-llama", "lora", 2, 18)
+    assert trace.contains(other) == "S=18 is outside the trace's residue classes (S % 3 in {1})"
+    with pytest.raises(TraceNotGeneral, match="residue"):
+        evaluate(trace, other)
+    assert load_or_record(other, tmp_path).classes == {"S": (3, (0, 2))}
+    assert_same(simulate_via_trace(other, cache_dir=str(tmp_path)), measure(other))
 
 
 def test_a_bound_on_one_size_becomes_the_validity_range(mlp_depends_on_length, tmp_path):
@@ -231,3 +245,44 @@ def test_llama_7b_lora_fa_from_one_trace():
         evaluated = evaluate(trace, run(batch, seq))
         assert time.perf_counter() - started < 1.0 or True  # timing reported, not asserted on a loaded machine
         assert_same(evaluated, measure(run(batch, seq)))
+
+
+PADDED = [("tiny-t5", "lora", ()), ("tiny-t5", "full", ()), ("tiny-roberta", "lora_fa", ()),
+          ("tiny-roberta", "full_recompute", ())]
+
+
+@pytest.mark.parametrize(("model", "method", "extra"), PADDED, ids=["-".join((m, k, *e)) for m, k, e in PADDED])
+def test_padded_attention_splits_the_trace_by_residue_class(model, method, extra, tmp_path):
+    """CUDA's memory-efficient kernel (T5's bias, RoBERTa in fp32) pads its log-sum-exp rows to 32: one trace per class."""
+    odd = load_or_record(sized(model, method, 4, 16, *extra), tmp_path)
+    assert odd.classes["S"] == (32, tuple(range(1, 32)))  # the guard Ne(32 * ceil(S / 32), S)
+    whole = sized(model, method, 3, 64, *extra)
+    assert "residue classes (S % 32 in {1-31})" in odd.contains(whole)
+    even = load_or_record(whole, tmp_path)
+    assert even.classes["S"] == (32, (0,)) and even is not odd
+    for batch, seq in [(2, 5), (3, 64), (7, 77), (5, 96)]:
+        target = ("workload.target_len=9",) if model == "tiny-t5" and batch == 3 else ()
+        run = sized(model, method, batch, seq, *extra, *target)
+        assert covered(run) is None
+        assert_same(simulate_via_trace(run, cache_dir=str(tmp_path)), measure(run))
+    recorded = [trace for path in tmp_path.glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]
+    assert len(recorded) == (3 if model == "tiny-t5" else 2)  # T5's decoder pads too: T = 9 is another class
+
+
+def test_periodic_guards_are_proven_not_sampled():
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv, PythonMod
+
+    from membench.trace.periodic import MAX_PERIOD, combine, period, residues
+
+    s, b = sympy.Symbol("S", integer=True, positive=True), sympy.Symbol("B", integer=True, positive=True)
+    padded = sympy.Eq(-32 * FloorDiv(-s, 32), s)
+    assert period(padded, s) == 32 and residues(padded, s, 32, 2) == (0,)
+    assert period(sympy.Eq(PythonMod(s, 6), 1), s) == 6
+    assert period(sympy.Gt(FloorDiv(3 * s, 5), FloorDiv(s, 2)), s) is None  # grows with S: not periodic
+    assert period(sympy.Eq(PythonMod(b * s, 2), 0), s) is None  # two symbols
+    assert period(sympy.Eq(PythonMod(s, 2 * MAX_PERIOD), 0), s) is None  # too long a period
+    classes = {}
+    combine(classes, "S", 4, (0, 1))
+    combine(classes, "S", 6, (1,))
+    assert classes == {"S": (12, (1,))}  # S % 4 in {0, 1} and S % 6 == 1

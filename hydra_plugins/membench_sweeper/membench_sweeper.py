@@ -12,6 +12,11 @@
 * **Dry run.** ``hydra.sweeper.dry_run=true`` lists the jobs it would launch, and launches none.
 * **One GPU, one run.** With ``submitit_local`` (``hydra/launcher=isolated``) jobs
   are launched one at a time unless ``hydra.sweeper.max_batch_size`` says otherwise.
+* **Every core, one trace each.** With ``hydra/launcher=processes`` (Hydra's joblib
+  launcher: one worker process per core) simulated jobs run in parallel, in two waves:
+  one job per trace first, then the jobs that evaluate those traces from the cache
+  (:func:`membench.sweep.trace_waves`), so no two workers record the same trace. A
+  sweep that measures on a GPU is still launched one job at a time.
 
 Command-line overrides apply to every grid and win over the grid's own values.
 ``method=full`` drops adapter-only keys (``method.rank``, ...) so a rank axis
@@ -143,15 +148,18 @@ class MembenchSweeper(Sweeper):
             del config["hydra"]
         return config
 
-    def _triage(self, jobs: List[List[str]]) -> "tuple[List[List[str]], Counter]":
-        """Validate every job, drop adapter keys for full fine-tuning, skip finished runs."""
+    def _triage(self, jobs: List[List[str]]) -> "tuple[List[List[str]], List[Any], Counter]":
+        """Validate every job, drop adapter keys for full fine-tuning, skip finished runs.
+
+        Returns the jobs to launch, their RunConfigs and the tally (``skipped``).
+        """
         from membench.cli import to_run_config
         from membench.config import ADAPTER_ONLY_KEYS
         from membench.errors import ConfigError
         from membench.files import check_writable_dir
         from membench.sweep import existing_result
 
-        todo: dict[tuple, None] = {}
+        todo: dict[tuple, Any] = {}
         seen: set[tuple] = set()
         writable: set[str] = set()
         tally: Counter = Counter()
@@ -176,19 +184,39 @@ class MembenchSweeper(Sweeper):
             if not run.force and existing_result(run) is not None:
                 tally["skipped"] += 1
                 continue
-            todo[tuple(overrides)] = None
-        return [list(job) for job in todo], tally
+            todo[tuple(overrides)] = run
+        return [list(job) for job in todo], list(todo.values()), tally
 
-    def _local_processes(self) -> bool:
-        """submitit_local starts every job of a batch at once; on one GPU they would measure each other."""
-        return str(self.config.hydra.launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher")
+    def _launcher_is(self, suffix: str) -> bool:
+        return str(self.config.hydra.launcher.get("_target_", "")).endswith(suffix)
+
+    def _batches(self, jobs: List[List[str]], runs: List[Any]) -> List[List[int]]:
+        """Job indices per ``launcher.launch`` call.
+
+        submitit_local and joblib start every job of a batch at once: on one GPU they would
+        measure each other, so such a sweep goes one job at a time (``submitit_local``, meant
+        for GPUs, always does). Simulated jobs on joblib's workers go in trace waves.
+        """
+        indices = list(range(len(jobs)))
+        if self.max_batch_size:
+            return [indices[start:start + self.max_batch_size] for start in range(0, len(jobs), self.max_batch_size)]
+        if self._launcher_is("submitit_launcher.LocalLauncher"):
+            return [[index] for index in indices]
+        if self._launcher_is("JoblibLauncher"):
+            from membench.backends import resolve_name
+            from membench.sweep import trace_waves
+
+            if any(resolve_name(run.backend) == "cuda" for run in runs):
+                return [[index] for index in indices]
+            return trace_waves(runs)
+        return [indices]
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         self._parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self._composed: dict[tuple, DictConfig] = {}
         self._groups = _config_groups(self.hydra_context.config_loader)
-        jobs, tally = self._triage(self._expand(arguments))
+        jobs, runs, tally = self._triage(self._expand(arguments))
         results_dir = self.config.get("results_dir")
         print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
               f"measured in {results_dir} (skipped; force=true re-measures), {len(jobs)} to run", flush=True)
@@ -203,20 +231,22 @@ class MembenchSweeper(Sweeper):
         from membench.sweep import TOTAL_ENV
 
         total = f"++hydra.job.env_set.{TOTAL_ENV}={len(jobs)}"
-        size = self.max_batch_size or (1 if self._local_processes() else len(jobs))
-        in_process = str(self.config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher")
+        # Jobs print their own line to this terminal, except submitit's (into log files): repeat those.
+        repeat_lines = self._launcher_is("submitit_launcher.LocalLauncher") or self._launcher_is("SlurmLauncher")
         returns: List[Sequence[JobReturn]] = []
         failed: List[JobReturn] = []
-        for start in range(0, len(jobs), size):
-            batch = [[*job, total] for job in jobs[start:start + size]]
-            results = self.launcher.launch(batch, initial_job_idx=start)
+        launched = 0
+        for batch_indices in self._batches(jobs, runs):
+            batch = [[*jobs[index], total] for index in batch_indices]
+            results = self.launcher.launch(batch, initial_job_idx=launched)
+            launched += len(batch)
             for result in results:
                 if result.status == JobStatus.FAILED:
                     failed.append(result)
                     continue
                 state, line = result.return_value
                 tally[state] += 1
-                if not in_process:  # the job printed its line into a log file; repeat it here
+                if repeat_lines:  # the job printed its line into a log file; repeat it here
                     print(line, flush=True)
             returns.append(results)
         counts = ", ".join(f"{count} {state}" for state, count in sorted(tally.items()))

@@ -12,6 +12,8 @@ from membench.errors import ConfigError
 from membench.preflight import check_sequence_length
 from membench.results import Result
 from membench.identity import result_id
+
+_MISSING = object()
 from membench.plan import Plan
 from membench import tracing
 
@@ -94,7 +96,7 @@ class Prober:
         self.cache: dict[str, Probe] = {}
         #: dimension -> value -> Probe, for the searches that share this prober.
         self.points: dict[str, dict[int, Probe]] = {}
-        self.traces: dict[str, object] = {}  # trace key -> loaded trace
+        self.traces: dict[str, list] = {}  # trace key -> the traces loaded for it (None: simulate directly)
         self.executed = 0
         self.direct = 0  # of the executed probes, those simulated (or measured) directly
         self.seconds = 0.0
@@ -136,12 +138,15 @@ class Prober:
             self.direct += 1
             return _execute(dataclasses.replace(self.plan, run=run))
         key = traces.trace_key(run)
-        if key not in self.traces:
+        known = self.traces.setdefault(key, [])
+        trace = next((trace for trace in known if trace is None or trace.contains(run) is None), _MISSING)
+        if trace is _MISSING:  # none yet, or one for another size range or residue class (a split trace)
             try:
-                self.traces[key] = traces.load_or_record(run)
+                trace = traces.load_or_record(run)
             except getattr(traces, "TraceNotGeneral", ()):  # the structure changes with size: simulate
-                self.traces[key] = None
-        if self.traces[key] is None:
+                trace = None
+            known.append(trace)
+        if trace is None:
             self.direct += 1
             return _execute(dataclasses.replace(self.plan, run=run))
-        return traces.evaluate(self.traces[key], run)
+        return traces.evaluate(trace, run)

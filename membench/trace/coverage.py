@@ -66,10 +66,6 @@ def covered(run: RunConfig) -> Optional[str]:
         return f"attention {run.model.attn_implementation!r} is not covered"
     if run.method.uses_adapters and run.method.lora_dropout:
         return "method.lora_dropout > 0 is not covered yet (saved-tensor op attribution differed from direct)"
-    if run.model.attn_implementation == "sdpa" and (
-            model_type == "t5" or (model_type == "roberta" and run.train.precision in ("fp32", "bf16-autocast"))):
-        return ("sdpa's memory-efficient kernel (T5's bias, RoBERTa in fp32) pads to multiples of 32: "
-                "the trace would split on S % 32")
     if model_type == "llama" and run.model.attn_implementation == "eager" and not run.method.gradient_checkpointing:
         return "LLaMA with eager attention is not covered (saved-tensor op attribution differed from direct)"
     if run.model.quantization != "none":

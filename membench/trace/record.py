@@ -55,6 +55,8 @@ class Trace:
         key: :func:`membench.trace.key.trace_key` of the run it was recorded from.
         hints: (B, S, T) of that run.
         validity: {"B"|"S"|"T": (lowest, highest)} the trace answers exactly.
+        classes: {"B"|"S"|"T": (modulus, residues)}: a size a periodic guard split by residue class
+            (e.g. S % 32 == 0 where CUDA pads to 32) must lie in one of those classes.
         polynomials: Every distinct size expression (:class:`membench.trace.polynomial.Polynomials`).
         kinds: Per event, KIND_ALLOC / KIND_FREE / KIND_PHASE.
         sizes: Per event, the index of its size in ``polynomials`` (allocations), else -1.
@@ -73,6 +75,7 @@ class Trace:
     key: str
     hints: tuple[int, int, int]
     validity: dict[str, tuple[int, int]]
+    classes: dict[str, tuple[int, tuple[int, ...]]]
     polynomials: Polynomials
     kinds: np.ndarray
     sizes: np.ndarray
@@ -93,7 +96,22 @@ class Trace:
             low, high = self.validity[name]
             if not low <= value <= high:
                 return f"{name}={value} is outside the trace's validity range [{low}, {high}]"
+            modulus, residues = self.classes.get(name, (1, (0,)))
+            if value % modulus not in residues:
+                return (f"{name}={value} is outside the trace's residue classes ({name} % {modulus} in "
+                        f"{_ranges_text(residues)})")
         return None
+
+
+def _ranges_text(residues: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` as ``{0-2, 5}``."""
+    runs: list[list[int]] = []
+    for value in residues:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return "{" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) + "}"
 
 
 @contextmanager
@@ -155,7 +173,7 @@ def record_trace(run: RunConfig) -> Trace:
         raise TraceNotGeneral(f"the symbolic step failed in {progress.phase}: {first}") from error
     finally:
         backend.cleanup()
-    validity = backend.validity()
+    validity, classes = backend.validity()
     rename = {backend.symbols[name]: sympy.Symbol(name, integer=True, positive=True) for name in DIMS}
 
     polynomials = Polynomials(DIMS)
@@ -207,7 +225,7 @@ def record_trace(run: RunConfig) -> Trace:
            "warmup_steps_run": warmup_steps, "optimizer_primed": primed}
     # As runner.execute does after the step.
     metrics.runtime_overhead_bytes = constant["runtime_overhead_bytes"] = env.get("runtime_overhead_bytes", 0)
-    trace = Trace(key=trace_key(run), hints=hints, validity=validity, polynomials=polynomials.freeze(),
+    trace = Trace(key=trace_key(run), hints=hints, validity=validity, classes=classes, polynomials=polynomials.freeze(),
                   kinds=kinds, sizes=sizes, frees=frees, ops=ops, phases=phases, allocated_at=allocated_at,
                   spans=spans, saved=saved, metrics=constant, env=env)
     trace.record_s = round(time.perf_counter() - started, 3)

@@ -13,7 +13,8 @@ sympy expression in the symbols. Pitfalls this module avoids (see the project's 
   hint values (the recorded run's own sizes), and the saved-tensor counter, which sorts by
   size, counts hints while keeping each storage's symbolic size on the side.
 * Whatever guards the step did add are checked afterwards (:func:`validity`): a guard that
-  only bounds a symbol narrows the trace's validity box; any other is :class:`TraceNotGeneral`.
+  only bounds a symbol narrows the trace's validity box; one periodic in a single symbol
+  (:mod:`membench.trace.periodic`) limits it to residue classes; any other is :class:`TraceNotGeneral`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from membench.backends.tracker import AllocationTracker
 from membench.compat import FakeTensorMode, storage_id, when_storage_freed
 from membench.events import ALLOC
 from membench.saved_tensors import SavedTensorCounter
+from membench.trace import periodic
 
 #: Upper bound declared for every symbolic dimension (batch size, sequence lengths).
 MAX_DIM = 1 << 20
@@ -190,11 +192,16 @@ class SymbolicBackend(SimulateBackend):
             yield
         del dispatcher
 
-    def validity(self) -> dict[str, tuple[int, int]]:
-        """The box of (B, S, T) in which the recorded step is the step of every size.
+    def validity(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, tuple[int, ...]]]]:
+        """The set of (B, S, T) in which the recorded step is the step of every size.
+
+        Returns:
+            ``(ranges, classes)``: a box {name: (lowest, highest)}, and {name: (modulus, residues)}
+            for the sizes a periodic guard splits by residue class (:mod:`membench.trace.periodic`).
 
         Raises:
-            TraceNotGeneral: a guard the step added is not implied by bounds on single symbols.
+            TraceNotGeneral: a guard the step added is neither implied by bounds on single symbols
+                nor periodic in one symbol.
         """
         ranges = {}
         for name, symbol in self.symbols.items():
@@ -203,9 +210,17 @@ class SymbolicBackend(SimulateBackend):
             bound = self.shape_env.var_to_range[symbol]
             ranges[name] = (max(2, int(bound.lower)), min(MAX_DIM, int(bound.upper)))
         var_ranges = {symbol: self.shape_env.var_to_range[symbol] for symbol in self.symbols.values()}
+        names = {symbol: name for name, symbol in self.symbols.items()}
+        classes: dict[str, tuple[int, tuple[int, ...]]] = {}
         for guard in self.shape_env.guards:
             implied = bound_sympy(guard.expr, var_ranges)
-            if not (implied.is_singleton() and bool(implied.lower) is True):
+            if implied.is_singleton() and bool(implied.lower) is True:
+                continue
+            symbol = next(iter(guard.expr.free_symbols)) if len(guard.expr.free_symbols) == 1 else None
+            modulus = periodic.period(guard.expr, symbol) if symbol in names else None
+            if modulus is None:
                 text = str(guard.expr.xreplace({symbol: sympy.Symbol(name) for name, symbol in self.symbols.items()}))
                 raise TraceNotGeneral(f"the step depends on the workload's sizes beyond bounds: guard {text}")
-        return ranges
+            name = names[symbol]
+            periodic.combine(classes, name, modulus, periodic.residues(guard.expr, symbol, modulus, ranges[name][0]))
+        return ranges, classes
