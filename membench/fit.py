@@ -208,17 +208,49 @@ def write_fit(rows: list[dict[str, Any]], directory: str | Path, settings: dict[
     return paths
 
 
-def load_fit_markdown(directory: str | Path) -> str:
-    """The tables of every ``membench-fit`` JSON file in ``directory`` (skipping foreign files), for the report."""
-    parts = []
+def load_fit_documents(directory: str | Path) -> list[dict[str, Any]]:
+    """Every ``membench-fit`` JSON document in ``directory``, by file name (foreign or unreadable files skipped)."""
+    documents = []
     for path in sorted(Path(directory).glob("fit--*.json")):
         try:
             document = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(document, dict) and document.get("kind") == KIND and isinstance(document.get("rows"), list):
-            parts.append(markdown(document["rows"]))
-    return "\n".join(parts)
+            documents.append(document)
+    return documents
+
+
+def load_fit_markdown(directory: str | Path) -> str:
+    """The tables of every ``membench-fit`` JSON file in ``directory`` (skipping foreign files), for the report."""
+    return "\n".join(markdown(document["rows"]) for document in load_fit_documents(directory))
+
+
+def by_card_markdown(directory: str | Path, order: Sequence[str] = ()) -> str:
+    """One table over every ``membench-fit`` file in ``directory``: the largest batch per model, method and GPU.
+
+    Models named in ``order`` come first, in that order, then the rest by name; "—" means not even
+    batch 1 fits (or the batch was not searched).
+    """
+    rows = [row for document in load_fit_documents(directory) for row in document["rows"]]
+    if not rows:
+        return ""
+    devices = list(dict.fromkeys(row["device"] for row in rows))
+    cells: dict[tuple, dict[str, str]] = {}
+    for row in rows:
+        cell = _cell(row, "batch")
+        cells.setdefault((row["model"], row["method"], row["seq_len"]), {})[row["device"]] = \
+            "—" if cell in ("none", "—") else cell
+    rank = {model: index for index, model in enumerate(order)}
+    models = sorted({key[0] for key in cells}, key=lambda model: (rank.get(model, len(rank)), model))
+    order_of = {model: index for index, model in enumerate(models)}
+    keys = sorted(cells, key=lambda key: order_of[key[0]])  # stable: each model's methods in the files' order
+    lines = ["| model | method | seq | " + " | ".join(devices) + " |",
+             "|---|---|---:|" + "---:|" * len(devices)]
+    for model, method, seq in keys:
+        by_device = cells[(model, method, seq)]
+        lines.append(f"| {model} | {method} | {seq} | " + " | ".join(by_device.get(d, "") for d in devices) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run_fit(cfg: DictConfig, overrides: Sequence[str], compose: Callable[..., DictConfig],

@@ -40,6 +40,14 @@ def test_fit_prints_and_writes_the_table(tmp_path):
     printed = out.getvalue()
     assert "| lora_fa | 8 | h100-80gb |" in printed and "≥8 (cap)" in printed
     assert paths[2].read_text() == fit.load_fit_markdown(tmp_path / "fit")
+    (tmp_path / "fit" / "fit--foreign.json").write_text("{not json")  # skipped, not fatal
+    table = fit.by_card_markdown(tmp_path / "fit").splitlines()
+    assert table[0] == "| model | method | seq | gpu-24gb | h100-80gb |"
+    assert table[2:] == ["| tiny-llama | lora | 16 | ≥8 (cap) | ≥8 (cap) |", "| tiny-llama | lora_fa | 16 | ≥8 (cap) | ≥8 (cap) |"]
+    from membench.report.cli import main as report
+
+    report([str(tmp_path / "fit")])  # a folder of membench-fit files: the table by card
+    assert (tmp_path / "fit" / "report" / "fit.md").read_text().endswith("\n".join(table) + "\n")
 
 
 @pytest.mark.parametrize("override, match", [

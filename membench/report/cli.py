@@ -18,6 +18,7 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
 from membench.files import write_atomic
+from membench.fit import by_card_markdown, load_fit_documents
 from membench.report import analytic, figures, quantized, scale, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
@@ -185,6 +186,17 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
     return written, skipped
 
 
+def write_fit_by_card(paths: list[Path], out: Path) -> Path:
+    """fit.md: membench-fit's answers in ``paths`` as one table, the largest batch per model, method and card."""
+    text = ["# What fits on which GPU\n",
+            "The largest batch each method fits on each card at the sequence length shown (membench-fit; "
+            "'—': not even batch 1 fits).\n"] + [by_card_markdown(path) for path in paths]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "fit.md", "\n".join(text))
+    print(f"membench-report: {out / 'fit.md'}")
+    return out / "fit.md"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="membench-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=["results/runs"], type=Path,
@@ -197,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
     out = args.out or default_output(args.paths)
+    if all(path.is_dir() and load_fit_documents(path) for path in args.paths):  # membench-fit's folders
+        write_fit_by_card(args.paths, out)
+        return
     maxfit = args.maxfit or default_output(args.paths).parent / "maxfit"
     written, skipped = build_report(args.paths, out, maxfit)
     for item in skipped:
