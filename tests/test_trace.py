@@ -97,6 +97,27 @@ def test_trace_covers_current_decoders(family, method, precision, tmp_path):
         assert_same(evaluate(trace, run(batch, seq)), measure(run(batch, seq)))
 
 
+@pytest.mark.parametrize(("family", "method", "precision"), [("gemma3_text", "lora", "bf16"), ("bert", "lora_fa", "fp32")])
+def test_trace_covers_split_families(family, method, precision, tmp_path):
+    """Gemma 3 (sliding window, sdpa's padded log-sum-exp) and BERT: the traces a cache splits into answer exactly."""
+    import json
+
+    from test_families import FAMILIES
+
+    task, values = FAMILIES[family]
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(values))
+
+    def run(batch: int, seq: int):
+        return run_config("model=custom", f"model.config_path={path}", f"model.task={task}", f"method={method}",
+                          "method.rank=2", "backend.name=simulate", f"train.precision={precision}",
+                          f"workload.batch_size={batch}", f"workload.seq_len={seq}")
+
+    for batch, seq in [(4, 16), (2, 5), (3, 33), (7, 57), (2, 64)]:
+        assert covered(run(batch, seq)) is None
+        assert_same(simulate_via_trace(run(batch, seq), cache_dir=str(tmp_path / "traces")), measure(run(batch, seq)))
+
+
 def test_trace_is_general_whatever_the_hints():
     a = record_trace(sized("tiny-llama", "lora_fa", 2, 5))
     b = record_trace(sized("tiny-llama", "lora_fa", 9, 40))

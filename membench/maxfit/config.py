@@ -40,7 +40,7 @@ class MaxFitConfig:
     dimensions: list[str] = field(default_factory=lambda: list(DIMENSIONS))
     search_cap: int = 65536
     verify: bool = False
-    confirm: str = "method"
+    confirm: str = "once"
     output: str = "results/maxfit"
     by: str = "reserved"
     #: Search each method on each of these world sizes (with the command line's parallel.strategy):

@@ -102,7 +102,7 @@ def confirm_finding(prober: Prober, direct: Prober, finding: Finding) -> Optiona
 
 
 def maxfit_rows(runs: Sequence[RunConfig], dimensions: Sequence[str], budgets_bytes: Sequence[int], *,
-                search_cap: int = 65536, verify_on_cuda: bool = False, confirm: str = "method",
+                search_cap: int = 65536, verify_on_cuda: bool = False, confirm: str = "once",
                 log: Optional[Callable[[str], None]] = None, by: str = "allocated") -> list[dict[str, Any]]:
     """One row per method (``runs``, one RunConfig each) x dimension x budget.
 

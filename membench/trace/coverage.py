@@ -14,9 +14,11 @@ from membench.config import RunConfig
 #: Model families (transformers ``model_type``) and the task each is covered with.
 FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "causal_lm",
             # current decoders (tests/test_trace.py::test_trace_covers_current_decoders); not gemma2
-            # (evaluated peaks differed from direct) nor gemma3 (a guard on S % 32 makes it fall back)
+            # (evaluated peaks differed from direct)
             "qwen2": "causal_lm", "qwen3": "causal_lm", "mistral": "causal_lm", "phi3": "causal_lm",
-            "gpt2": "causal_lm"}
+            "gpt2": "causal_lm",
+            # split by residue class and size range (tests/test_trace.py::test_trace_covers_split_families)
+            "gemma3_text": "causal_lm", "bert": "sequence_classification"}
 METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing, any rank/dropout
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # fp16: saved-tensor op attribution differed once (with dropout)
 ATTENTION = ("sdpa", "eager")
