@@ -161,20 +161,36 @@ def test_trace_waves_record_each_trace_once_before_evaluating_it():
 
 
 def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tmp_path):
-    sweep = ["model=tiny-llama", "method=lora,lora_fa", "workload.batch_size=2,3", "workload.seq_len=16",
+    sweep = ["model=tiny-llama", "method=lora,lora_fa", "workload.batch_size=2,3,4,5", "workload.seq_len=16",
              "backend.name=simulate"]
     pooled = membench("-m", "hydra/launcher=processes", "hydra.launcher.n_jobs=2", *sweep,
                       "results_dir=pooled", cwd=tmp_path)
     assert pooled.returncode == 0, pooled.stderr
-    assert "4 configurations; 0 already measured" in pooled.stdout
-    assert pooled.stdout.count(" → peak ") == 4  # each job's line once (workers print to this terminal)
-    first_wave = [line for line in pooled.stdout.splitlines() if line.startswith(("[1/4]", "[2/4]"))]
-    assert all("bs=2" in line for line in first_wave), pooled.stdout  # one job per trace first
+    assert "8 configurations; 0 already measured" in pooled.stdout
+    assert pooled.stdout.count(" → peak ") == 8  # each job's line once (workers print to this terminal)
+    first_wave = [line for line in pooled.stdout.splitlines() if line.startswith(("[1/8]", "[2/8]"))]
+    assert len(first_wave) == 2 and all("bs=2" in line for line in first_wave), pooled.stdout  # one per trace
     serial = membench("-m", *sweep, "results_dir=serial", cwd=tmp_path)
     assert serial.returncode == 0, serial.stderr
 
     def metrics(folder):
         return {path.name: read_result(path).metrics for path in (tmp_path / folder).glob("*.json")}
 
-    assert len(metrics("pooled")) == 4
+    assert len(metrics("pooled")) == 8
     assert metrics("pooled") == metrics("serial")
+
+
+def test_a_sweep_records_a_trace_only_where_enough_jobs_share_it(tmp_path):
+    from membench.sweep import MIN_JOBS_PER_TRACE, direct_where_cheaper
+    from membench.trace import load_or_record
+
+    def run(method, batch):
+        return tiny("tiny-llama", method, f"workload.batch_size={batch}", backend="simulate")
+
+    many = [run("lora", batch) for batch in range(2, 2 + MIN_JOBS_PER_TRACE)]
+    few = [run("lora_fa", batch) for batch in range(2, 1 + MIN_JOBS_PER_TRACE)]
+    cache = str(tmp_path / "traces")
+    assert direct_where_cheaper(many + few, cache) == set(range(len(many), len(many) + len(few)))
+    load_or_record(few[0], cache)  # once its trace is cached, evaluating it is the cheap way
+    assert direct_where_cheaper(many + few, cache) == set()
+    assert direct_where_cheaper([run("lora", 1)], cache) == set()  # size 1 is direct anyway: nothing to switch

@@ -187,6 +187,27 @@ class MembenchSweeper(Sweeper):
             todo[tuple(overrides)] = run
         return [list(job) for job in todo], list(todo.values()), tally
 
+    def _direct_where_cheaper(self, jobs: List[List[str]], runs: List[Any]) -> "tuple[List[List[str]], List[Any]]":
+        """``backend.trace=off`` for jobs too few to pay for recording their trace (:func:`membench.sweep.direct_where_cheaper`).
+
+        The run id and the bytes are the same either way; only the time differs.
+        """
+        import dataclasses
+
+        from membench.sweep import MIN_JOBS_PER_TRACE, direct_where_cheaper
+        from membench.tracing import wants_trace
+
+        candidates = [index for index, run in enumerate(runs) if wants_trace(run)]
+        direct = {candidates[i] for i in direct_where_cheaper([runs[index] for index in candidates])}
+        if not direct:
+            return jobs, runs
+        print(f"membench sweep: {len(direct)} job(s) simulated directly: fewer than {MIN_JOBS_PER_TRACE} jobs share "
+              "their trace and none is cached, so recording it would cost more", flush=True)
+        jobs = [[*job, "backend.trace=off"] if index in direct else job for index, job in enumerate(jobs)]
+        runs = [dataclasses.replace(run, backend=dataclasses.replace(run.backend, trace="off")) if index in direct
+                else run for index, run in enumerate(runs)]
+        return jobs, runs
+
     def _launcher_is(self, suffix: str) -> bool:
         return str(self.config.hydra.launcher.get("_target_", "")).endswith(suffix)
 
@@ -220,6 +241,7 @@ class MembenchSweeper(Sweeper):
         results_dir = self.config.get("results_dir")
         print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
               f"measured in {results_dir} (skipped; force=true re-measures), {len(jobs)} to run", flush=True)
+        jobs, runs = self._direct_where_cheaper(jobs, runs)
         if self.dry_run:
             for number, job in enumerate(jobs, 1):
                 print(f"[{number}/{len(jobs)}] {' '.join(job)}", flush=True)

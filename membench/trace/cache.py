@@ -58,6 +58,11 @@ def _read(path: Path, key: str) -> list[Trace]:
         return []
 
 
+def cached_traces(run: RunConfig, cache_dir: Optional[str | Path] = None) -> list[Trace]:
+    """The traces cached under ``run``'s key (any size range or residue class); [] when none."""
+    return _read(cache_path(run, cache_dir), trace_key(run))
+
+
 def load_or_record(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Trace:
     """The cached trace that answers ``run``, recording (and caching) one when there is none.
 
