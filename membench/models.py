@@ -281,7 +281,16 @@ def max_sequence_length(config: PretrainedConfig) -> Optional[int]:
 def build_model(
     model: ModelConfig, config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device
 ) -> nn.Module:
-    """Instantiate the model with its head on ``device`` (``meta`` allocates nothing)."""
+    """Instantiate the model with its head on ``device`` (``meta`` allocates nothing).
+
+    A classifier gets ``problem_type="single_label_classification"`` when its config names none:
+    BERT and RoBERTa set exactly that on their first batch of integer labels, but DeBERTa-v2 keeps
+    None and then selects the labelled rows with ``nonzero`` (a data-dependent shape fake tensors
+    cannot give) and gathers them. membench's labels are all valid, so that path differs only by a
+    few dozen bytes per sequence in the loss (a mask, indices, the gathered logits); not modelled.
+    """
+    if model.task == "sequence_classification" and getattr(config, "problem_type", None) is None:
+        config.problem_type = "single_label_classification"
     with torch.device(device):
         kwargs = {"trust_remote_code": True} if model.trust_remote_code else {}
         return HEADS[model.task].from_config(config, dtype=dtype, attn_implementation=model.attn_implementation,

@@ -44,7 +44,6 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 METHODS = ("full", "lora", "lora_fa")
 # Fake-tensor gaps, to be closed in the simulate backend (each is reported by the run, not hidden):
 KNOWN_SIMULATE_GAPS = {
-    "aten.nonzero": "DeBERTa-v2's relative positions call aten.nonzero, a data-dependent shape",
     "Expected inputs of BF16 type": "transformers' grouped_mm MoE experts: torch's meta kernel for aten._grouped_mm "
                                     "accepts only bf16, the CPU kernel also fp32",
 }
