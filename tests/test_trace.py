@@ -268,8 +268,7 @@ def test_llama_7b_lora_fa_from_one_trace():
         assert_same(evaluated, measure(run(batch, seq)))
 
 
-PADDED = [("tiny-t5", "lora", ()), ("tiny-t5", "full", ()), ("tiny-roberta", "lora_fa", ()),
-          ("tiny-roberta", "full_recompute", ())]
+PADDED = [("tiny-t5", "full", ()), ("tiny-roberta", "lora_fa_recompute", ())]  # T5's bias gradient; recompute
 
 
 @pytest.mark.parametrize(("model", "method", "extra"), PADDED, ids=["-".join((m, k, *e)) for m, k, e in PADDED])
