@@ -242,9 +242,8 @@ def by_card_markdown(directory: str | Path, order: Sequence[str] = ()) -> str:
         cells.setdefault((row["model"], row["method"], row["seq_len"]), {})[row["device"]] = \
             "—" if cell in ("none", "—") else cell
     rank = {model: index for index, model in enumerate(order)}
-    models = sorted({key[0] for key in cells}, key=lambda model: (rank.get(model, len(rank)), model))
-    order_of = {model: index for index, model in enumerate(models)}
-    keys = sorted(cells, key=lambda key: order_of[key[0]])  # stable: each model's methods in the files' order
+    # stable: each model's methods keep the files' order
+    keys = sorted(cells, key=lambda key: (rank.get(key[0], len(rank)), key[0]))
     lines = ["| model | method | seq | " + " | ".join(devices) + " |",
              "|---|---|---:|" + "---:|" * len(devices)]
     for model, method, seq in keys:

@@ -47,6 +47,15 @@ def position(job_number: Optional[int]) -> str:
     return f"[{job_number + 1}/{total}] " if total else f"[{job_number + 1}] "
 
 
+def trace_keys(runs: list[RunConfig]) -> list[Optional[str]]:
+    """Each run's trace cache key, or None for a run no trace covers (:func:`membench.trace.covered`:
+    it is simulated directly, measured on a device, or has ``backend.trace=off``)."""
+    from membench.trace import covered
+    from membench.trace.key import trace_key
+
+    return [trace_key(run) if covered(run) is None else None for run in runs]
+
+
 #: Record a trace for a sweep only when at least this many of its jobs would evaluate it. Recording
 #: one symbolic step costs 3.2-3.4 direct simulations of the same run (LLaMA-7B LoRA bf16 b4 s512:
 #: 33.6 s against 9.9 s; RoBERTa-large: 22.6 s against 7.0 s; both building the model, on the same
@@ -61,14 +70,12 @@ def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None)
     Those a trace covers, whose trace key has fewer than :data:`MIN_JOBS_PER_TRACE` jobs in the
     sweep, and for which no cached trace answers.
     """
-    from membench.trace import covered
     from membench.trace.cache import cached_traces
-    from membench.trace.key import trace_key
 
     groups: dict[str, list[int]] = {}
-    for index, run in enumerate(runs):
-        if covered(run) is None:
-            groups.setdefault(trace_key(run), []).append(index)
+    for index, key in enumerate(trace_keys(runs)):
+        if key is not None:
+            groups.setdefault(key, []).append(index)
     direct: set[int] = set()
     for indices in groups.values():
         if len(indices) >= MIN_JOBS_PER_TRACE:
@@ -87,14 +94,10 @@ def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
     the jobs that then evaluate from the cached traces. Within a wave the sweep's order is kept.
     A result does not depend on the order (tests/test_sweep.py).
     """
-    from membench.trace import covered
-    from membench.trace.key import trace_key
-
     first: list[int] = []
     later: list[int] = []
     keys: set[str] = set()
-    for index, run in enumerate(runs):
-        key = trace_key(run) if covered(run) is None else None
+    for index, key in enumerate(trace_keys(runs)):
         if key is not None and key in keys:
             later.append(index)
         else:

@@ -195,10 +195,8 @@ class MembenchSweeper(Sweeper):
         import dataclasses
 
         from membench.sweep import MIN_JOBS_PER_TRACE, direct_where_cheaper
-        from membench.tracing import wants_trace
 
-        candidates = [index for index, run in enumerate(runs) if wants_trace(run)]
-        direct = {candidates[i] for i in direct_where_cheaper([runs[index] for index in candidates])}
+        direct = direct_where_cheaper(runs)  # only runs a trace covers: simulated, backend.trace=auto
         if not direct:
             return jobs, runs
         print(f"membench sweep: {len(direct)} job(s) simulated directly: fewer than {MIN_JOBS_PER_TRACE} jobs share "

@@ -12,10 +12,10 @@ from membench.errors import ConfigError
 from membench.preflight import check_sequence_length
 from membench.results import Result
 from membench.identity import result_id
-
-_MISSING = object()
 from membench.plan import Plan
 from membench import tracing
+
+_MISSING = object()  # no loaded trace answers the probe yet
 
 
 def _execute(the_plan: Plan) -> Result:

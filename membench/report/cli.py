@@ -18,7 +18,6 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no window; a notebook importing membench.report keeps its own backend
 
 from membench.files import write_atomic
-from membench.fit import by_card_markdown, load_fit_documents
 from membench.report import analytic, figures, quantized, scale, tables, validate, verdict, where
 from membench.report.load import load_results
 from membench.report.render import latex, markdown
@@ -188,6 +187,7 @@ def build_report(paths: list[Path], out: Path, maxfit: Path | None = None) -> tu
 
 def write_fit_by_card(paths: list[Path], out: Path) -> Path:
     """fit.md: membench-fit's answers in ``paths`` as one table, the largest batch per model, method and card."""
+    from membench.fit import by_card_markdown
     text = ["# What fits on which GPU\n",
             "The largest batch each method fits on each card at the sequence length shown (membench-fit; "
             "'—': not even batch 1 fits).\n"] + [by_card_markdown(path) for path in paths]
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")
     out = args.out or default_output(args.paths)
+    from membench.fit import load_fit_documents  # imported here: it brings the simulator (seconds)
+
     if all(path.is_dir() and load_fit_documents(path) for path in args.paths):  # membench-fit's folders
         write_fit_by_card(args.paths, out)
         return
