@@ -20,6 +20,8 @@ One module per upstream package and concern; patches for other packages
   :func:`cpu_flash_attention`, :func:`cpu_flash_attention_backward` and
   :func:`math_sdp_reduces_in_half_precision` are the private kernels the CUDA
   emulation (``membench.backends.cuda_semantics``) calls.
+* ``torch_symbolic``: :func:`sympy_integer_divisions`, the classes torch writes
+  symbolic integer divisions with (``membench.trace.periodic`` rewrites them).
 * ``torch_norms``: :func:`route_layer_norm_and_softmax_like_cuda` swaps
   ``F.layer_norm`` and ``F.softmax``; :func:`layer_norm_forward` and
   :func:`layer_norm_backward` are the LayerNorm kernels the emulation calls.
@@ -106,6 +108,7 @@ from membench.compat.torch_norms import (
     layer_norm_forward,
     route_layer_norm_and_softmax_like_cuda,
 )
+from membench.compat.torch_symbolic import sympy_integer_divisions
 from membench.compat.transformers_models import (
     check_activation_checkpointing,
     checked_masking_utils,
@@ -129,6 +132,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "quantization_maps_off_meta": quantization_maps_off_meta,
     "bitsandbytes_optimizer_as_on_cuda": check_bitsandbytes_optimizers,
     "follow_storage_resizes, fake_process_group, fsdp2_api, dtensor_metadata_unseen": check_distributed,
+    "sympy_integer_divisions": sympy_integer_divisions,
 }
 
 
@@ -153,5 +157,5 @@ __all__ = [
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
     "math_sdp_reduces_in_half_precision", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",
-    "storage_id", "when_storage_freed",
+    "storage_id", "sympy_integer_divisions", "when_storage_freed",
 ]

@@ -20,17 +20,19 @@ from typing import Optional
 
 import sympy
 
+from membench.compat import sympy_integer_divisions
+
 #: Largest period accepted; a larger one would mean recording a trace for almost every size.
 MAX_PERIOD = 256
-_DIVISIONS = ("FloorDiv", "Mod", "PythonMod", "CeilDiv", "CleanDiv")
 
 
 def _as_floor(expression: sympy.Expr) -> Optional[sympy.Expr]:
     """``expression`` with torch's integer divisions written with ``sympy.floor``; None if a divisor is not constant."""
+    divisions = sympy_integer_divisions()
     replacements = {}
     for node in sympy.preorder_traversal(expression):
-        name = type(node).__name__
-        if name not in _DIVISIONS:
+        name = divisions.get(type(node))
+        if name is None:
             continue
         numerator, divisor = node.args
         if not divisor.is_Integer or divisor == 0:
@@ -51,8 +53,9 @@ def period(guard: sympy.Basic, symbol: sympy.Symbol) -> Optional[int]:
     """The period of ``guard`` in ``symbol`` (its only free symbol), or None when it is not proven periodic."""
     if not isinstance(guard, sympy.core.relational.Relational) or guard.free_symbols != {symbol}:
         return None
+    divisions = sympy_integer_divisions()
     divisors = [int(node.args[1]) for node in sympy.preorder_traversal(guard)
-                if type(node).__name__ in _DIVISIONS and node.args[1].is_Integer]
+                if type(node) in divisions and node.args[1].is_Integer]
     if not divisors:
         return None
     modulus = math.lcm(*(abs(divisor) for divisor in divisors))
