@@ -46,12 +46,15 @@ class ModuleScope:
         self._next_number, self._running_node = checked_autograd_node_functions()
         self._stack: list[tuple[nn.Module, str, int]] = []  # (module, path, first node number)
         self._names: dict[int, str] = {}  # id(module) -> its path in the outermost module called
+        # held so that none of its modules dies while its ids are keys above: a module made later
+        # could otherwise reuse a dead one's id and take its path
+        self._root: Optional[nn.Module] = None
 
     def _path(self, module: nn.Module) -> str:
         if not self._stack and id(module) not in self._names:
             # the outermost module called: paths are its named_modules(). A checkpointed block's
             # recompute (inside backward, the stack empty) keeps the names of the model around it.
-            self._names = {id(child): name for name, child in module.named_modules()}
+            self._root, self._names = module, {id(child): name for name, child in module.named_modules()}
         name = self._names.get(id(module))
         if name is not None:
             return name or type(module).__name__
@@ -97,3 +100,4 @@ class ModuleScope:
                 yield self
         finally:
             self._stack.clear()
+            self._root, self._names = None, {}

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,24 +99,38 @@ def test_an_interrupted_sweep_loses_nothing_and_resumes(tmp_path):
     assert len(list(runs.glob("*.json"))) == 12
 
 
+#: Dry-runs each experiment named on its command line in turn, in one process (one import of torch,
+#: transformers and PEFT, not one per experiment), each as ``membench -m experiment=NAME`` would.
+DRY_RUNS = """
+import sys
+from hydra.core.global_hydra import GlobalHydra
+from membench.cli import main
+for name in sys.argv[1:]:
+    GlobalHydra.instance().clear()
+    sys.argv = ["membench", "-m", f"experiment={name}", "hydra.sweeper.dry_run=true"]
+    print(f"=== {name}", flush=True)
+    try:
+        main()
+    except SystemExit as exit:
+        if exit.code:
+            raise
+"""
+
+
 def test_every_experiment_composes_and_its_first_line_runs_it(tmp_path):
     experiments = sorted(p.stem for p in (ROOT / "membench" / "conf" / "experiment").glob("*.yaml"))
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    listings = {}
-    for name in experiments:  # all at once: each is a process that composes every job and runs none
+    for name in experiments:
         first_line = (ROOT / "membench" / "conf" / "experiment" / f"{name}.yaml").read_text().splitlines()[0]
         assert first_line == f"# membench -m experiment={name}"
-        listings[name] = subprocess.Popen([MEMBENCH, "-m", f"experiment={name}", "hydra.sweeper.dry_run=true"],
-                                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env=env)
-    for name, process in listings.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{name}: {stderr}"
+    done = subprocess.run([sys.executable, "-c", DRY_RUNS, *experiments], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert done.returncode == 0, done.stderr
+    listings = dict(part.split("\n", 1) for part in done.stdout.split("=== ")[1:])
+    assert sorted(listings) == experiments
+    for name, stdout in listings.items():
         total = int(stdout.splitlines()[0].split(" configurations")[0].rsplit(" ", 1)[1])
         assert total > 0 and f"[{total}/{total}]" in stdout, name
-    # Nothing ran: no file written. (The concurrent processes' writability probes may leave an empty
-    # results/ behind: each removes only the folders it created, and one may hold another's parent.)
-    assert not [path for path in (tmp_path / "results").rglob("*") if path.is_file()]
+    assert not [path for path in (tmp_path / "results").rglob("*") if path.is_file()]  # nothing ran
 
 
 METRICS = ("weight_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes", "saved_tensor_bytes",
