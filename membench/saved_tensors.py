@@ -134,9 +134,16 @@ class SavedTensorCounter:
         key = storage_id(storage)
         if key not in self._excluded and (key not in self._seen or self._alive[key]() is not storage) and not (
                 self._also_parameter is not None and self._also_parameter(storage)):
-            self._seen[key] = (storage.nbytes(), self._stack[-1], self._origin(storage))
-            self._alive[key] = weakref.ref(storage)
+            self._count(key, storage)
         return tensor
+
+    def _count(self, key: int, storage: torch.UntypedStorage) -> None:
+        """Count ``storage`` (stored under ``key``) as saved by the innermost running module."""
+        self._seen[key] = (storage.nbytes(), self._stack[-1], self._origin(storage))
+        self._alive[key] = weakref.ref(storage)
+
+    def _forget(self, key: int) -> None:
+        del self._seen[key], self._alive[key]
 
     def forget_freed(self) -> None:
         """Forget counted storages that have died; call it when forward ends, before reading the totals.
@@ -146,7 +153,7 @@ class SavedTensorCounter:
         mistaken for a dead one: see ``_pack``.)
         """
         for key in [key for key, ref in self._alive.items() if ref() is None]:
-            del self._seen[key], self._alive[key]
+            self._forget(key)
 
     def _aggregate(self, label: Callable[[tuple], str]) -> tuple[dict[str, int], dict[str, int]]:
         nbytes: dict[str, int] = {}

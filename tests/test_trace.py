@@ -261,11 +261,8 @@ def test_llama_7b_lora_fa_from_one_trace():
                           "backend.name=simulate", f"workload.batch_size={batch}", f"workload.seq_len={seq}")
 
     trace = record_trace(run(16, 512))
-    for batch, seq in ((16, 512), (3, 77)):
-        started = time.perf_counter()
-        evaluated = evaluate(trace, run(batch, seq))
-        assert time.perf_counter() - started < 1.0 or True  # timing reported, not asserted on a loaded machine
-        assert_same(evaluated, measure(run(batch, seq)))
+    for batch, seq in ((16, 512), (3, 77)):  # its speed is a benchmark in the README, not asserted here
+        assert_same(evaluate(trace, run(batch, seq)), measure(run(batch, seq)))
 
 
 PADDED = [("tiny-t5", "full", ()), ("tiny-roberta", "lora_fa_recompute", ())]  # T5's bias gradient; recompute
@@ -306,3 +303,47 @@ def test_periodic_guards_are_proven_not_sampled():
     combine(classes, "S", 4, (0, 1))
     combine(classes, "S", 6, (1,))
     assert classes == {"S": (12, (1,))}  # S % 4 in {0, 1} and S % 6 == 1
+
+
+# 4-bit base weights: bitsandbytes' fused kernel takes at most 1536 rows, so B*S = 1536 splits the trace.
+# DoRA builds and drops a graph for its weight norm inside forward: what it packed is not saved.
+QUANTIZED = [("tiny-llama", "qlora", ("train.precision=bf16",), [(3, 33), (16, 128), (9, 200)]),
+             ("tiny-llama", "qdora_recompute", ("train.precision=bf16", "model.quantization=fp4"), [(7, 77), (12, 130)]),
+             ("tiny-roberta", "dora", (), [(2, 5), (7, 77)])]
+
+
+@pytest.mark.parametrize(("model", "method", "extra", "points"), QUANTIZED, ids=[q[1] for q in QUANTIZED])
+def test_trace_covers_dora_and_4bit(model, method, extra, points, tmp_path):
+    for batch, seq in points:
+        run = sized(model, method, batch, seq, *extra)
+        assert covered(run) is None
+        assert_same(simulate_via_trace(run, cache_dir=str(tmp_path)), measure(run))
+    traces = [trace for path in tmp_path.glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]
+    if "quantization" in str(extra) or method.startswith("q"):
+        assert sorted(str(trace.conditions) for trace in traces) == ["(B*S <= 1536,)", "(B*S > 1536,)"]
+        below = next(trace for trace in traces if trace.hints[0] * trace.hints[1] <= 1536)
+        assert below.contains(sized(model, method, 16, 128, *extra)) == \
+            "B=16, S=128 is outside the trace's condition B*S <= 1536"
+    else:
+        assert len(traces) == 1 and traces[0].conditions == ()
+
+
+def test_8bit_base_weights_go_direct():
+    run = sized("tiny-llama", "qlora", 3, 33, "train.precision=bf16", "model.quantization=int8")
+    assert "model.quantization=int8 is not covered" in covered(run)
+    with pytest.raises(TraceNotGeneral, match="ctx_kept_bytes_by_function depends on the workload's sizes"):
+        record_trace(run)  # were it covered: its 8-bit matmul keeps its input on ctx, outside the allocation log
+
+
+def test_polynomial_inequalities_become_conditions_and_nothing_else_does():
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    from membench.trace.symbolic import polynomial_condition
+
+    b, s = sympy.Symbol("B", integer=True, positive=True), sympy.Symbol("S", integer=True, positive=True)
+    assert polynomial_condition(b * s <= 1536, (b, s))
+    assert polynomial_condition(sympy.Ne(b * s * s, 4 * s + 7), (b, s))
+    assert not polynomial_condition(sympy.Eq(b * s, 1536), (b, s))  # a curve, not a region
+    assert not polynomial_condition(FloorDiv(s, 3) * b > 2 * s, (b, s))  # a division: not a polynomial
+    assert not polynomial_condition(b * s <= sympy.Symbol("x"), (b, s))  # a symbol that is not a size

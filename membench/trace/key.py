@@ -15,7 +15,7 @@ from membench.devices import device_profile
 from membench.identity import recorded_config
 
 #: Bump when the layout of :class:`membench.trace.record.Trace` or what it means changes.
-TRACE_FORMAT_VERSION = 2  # 2: Trace.classes (residue classes)
+TRACE_FORMAT_VERSION = 3  # 2: Trace.classes (residue classes); 3: Trace.conditions
 #: Workload fields a trace keeps symbolic (B, S, T).
 SYMBOLIC_FIELDS = ("batch_size", "seq_len", "target_len")
 #: Backend knobs that say how a result is computed, not what it is.

@@ -21,6 +21,7 @@ from unittest import mock
 
 import numpy as np
 import sympy
+import torch
 
 import membench.step
 from membench.config import RunConfig
@@ -32,7 +33,8 @@ from membench.saved_tensors import op_name
 from membench.step import Progress
 from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
 from membench.trace.polynomial import Polynomials
-from membench.trace.symbolic import DIMS, At, Span, SymbolicBackend, SymbolicSavedCounter, TraceNotGeneral, expression
+from membench.trace.symbolic import (DIMS, At, Span, SymbolicBackend, SymbolicSavedCounter, TraceNotGeneral, expression,
+                                     size_symbol)
 
 #: Event kinds as stored in :attr:`Trace.kinds`.
 KIND_ALLOC, KIND_FREE, KIND_PHASE = 0, 1, 2
@@ -57,6 +59,8 @@ class Trace:
         validity: {"B"|"S"|"T": (lowest, highest)} the trace answers exactly.
         classes: {"B"|"S"|"T": (modulus, residues)}: a size a periodic guard split by residue class
             (e.g. S % 32 == 0 where CUDA pads to 32) must lie in one of those classes.
+        conditions: Polynomial inequalities in B, S, T (sympy, :func:`membench.trace.symbolic.size_symbol`)
+            a workload must meet: the step's path depended on them (``B*S <= 1536``).
         polynomials: Every distinct size expression (:class:`membench.trace.polynomial.Polynomials`).
         kinds: Per event, KIND_ALLOC / KIND_FREE / KIND_PHASE.
         sizes: Per event, the index of its size in ``polynomials`` (allocations), else -1.
@@ -76,6 +80,7 @@ class Trace:
     hints: tuple[int, int, int]
     validity: dict[str, tuple[int, int]]
     classes: dict[str, tuple[int, tuple[int, ...]]]
+    conditions: tuple
     polynomials: Polynomials
     kinds: np.ndarray
     sizes: np.ndarray
@@ -91,7 +96,7 @@ class Trace:
     format_version: int = TRACE_FORMAT_VERSION
 
     def contains(self, run: RunConfig) -> Optional[str]:
-        """None when ``run``'s sizes lie in :attr:`validity`, else why not (one line)."""
+        """None when ``run``'s sizes lie in :attr:`validity`, its :attr:`classes` and :attr:`conditions`, else why not (one line)."""
         for name, value in zip(DIMS, workload_dims(run)):
             low, high = self.validity[name]
             if not low <= value <= high:
@@ -100,6 +105,11 @@ class Trace:
             if value % modulus not in residues:
                 return (f"{name}={value} is outside the trace's residue classes ({name} % {modulus} in "
                         f"{_ranges_text(residues)})")
+        sizes = {size_symbol(name): sympy.Integer(value) for name, value in zip(DIMS, workload_dims(run))}
+        for condition in self.conditions:
+            if not bool(condition.xreplace(sizes)):
+                values = ", ".join(f"{symbol}={sizes[symbol]}" for symbol in sorted(condition.free_symbols, key=str))
+                return f"{values} is outside the trace's condition {condition}"
         return None
 
 
@@ -173,8 +183,8 @@ def record_trace(run: RunConfig) -> Trace:
         raise TraceNotGeneral(f"the symbolic step failed in {progress.phase}: {first}") from error
     finally:
         backend.cleanup()
-    validity, classes = backend.validity()
-    rename = {backend.symbols[name]: sympy.Symbol(name, integer=True, positive=True) for name in DIMS}
+    validity, classes, conditions = backend.validity()
+    rename = {backend.symbols[name]: size_symbol(name) for name in DIMS}
 
     polynomials = Polynomials(DIMS)
     kinds = np.empty(len(events), dtype=np.int8)
@@ -217,6 +227,9 @@ def record_trace(run: RunConfig) -> Trace:
         attribute = getattr(metrics, name)
         if isinstance(attribute, Span):
             spans[name] = (attribute.start, attribute.end)
+        elif _symbolic(attribute):  # e.g. ctx_kept_bytes_by_function under bitsandbytes' 8-bit matmul
+            raise TraceNotGeneral(f"metric {name} depends on the workload's sizes outside the allocation log, "
+                                  "which a trace does not evaluate")
         else:
             constant[name] = attribute if not isinstance(attribute, int) or isinstance(attribute, bool) \
                 else int(attribute)
@@ -225,12 +238,22 @@ def record_trace(run: RunConfig) -> Trace:
            "warmup_steps_run": warmup_steps, "optimizer_primed": primed}
     # As runner.execute does after the step.
     metrics.runtime_overhead_bytes = constant["runtime_overhead_bytes"] = env.get("runtime_overhead_bytes", 0)
-    trace = Trace(key=trace_key(run), hints=hints, validity=validity, classes=classes, polynomials=polynomials.freeze(),
+    trace = Trace(key=trace_key(run), hints=hints, validity=validity, classes=classes, conditions=conditions,
+                  polynomials=polynomials.freeze(),
                   kinds=kinds, sizes=sizes, frees=frees, ops=ops, phases=phases, allocated_at=allocated_at,
                   spans=spans, saved=saved, metrics=constant, env=env)
     trace.record_s = round(time.perf_counter() - started, 3)
     _check_against_hints(trace, run, metrics)
     return trace
+
+
+def _symbolic(value) -> bool:
+    """Whether ``value`` (a metric: a number, or a dict or list of them) holds a ``SymInt``."""
+    if isinstance(value, dict):
+        return any(_symbolic(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_symbolic(item) for item in value)
+    return isinstance(value, torch.SymInt)
 
 
 def _check_against_hints(trace: Trace, run: RunConfig, recorded) -> None:

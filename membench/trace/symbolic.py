@@ -14,12 +14,15 @@ sympy expression in the symbols. Pitfalls this module avoids (see the project's 
   size, counts hints while keeping each storage's symbolic size on the side.
 * Whatever guards the step did add are checked afterwards (:func:`validity`): a guard that
   only bounds a symbol narrows the trace's validity box; one periodic in a single symbol
-  (:mod:`membench.trace.periodic`) limits it to residue classes; any other is :class:`TraceNotGeneral`.
+  (:mod:`membench.trace.periodic`) limits it to residue classes; a polynomial inequality in the
+  symbols (bitsandbytes' fused 4-bit kernel takes at most 1536 rows: ``B*S <= 1536``) becomes a
+  condition the trace's workloads must meet; any other is :class:`TraceNotGeneral`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator, Optional
 
 import sympy
@@ -31,7 +34,7 @@ from torch.utils._sympy.value_ranges import bound_sympy
 from membench.allocator import allocator_bytes
 from membench.backends.simulate import SimulateBackend
 from membench.backends.tracker import AllocationTracker
-from membench.compat import FakeTensorMode, storage_id, when_storage_freed
+from membench.compat import FakeTensorMode, when_storage_freed
 from membench.events import ALLOC
 from membench.saved_tensors import SavedTensorCounter
 from membench.trace import periodic
@@ -126,15 +129,16 @@ class SymbolicSavedCounter(SavedTensorCounter):
         super().__init__(*args, **kwargs)
         self.symbolic: dict[int, tuple] = {}
 
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        key = storage_id(storage)
-        if key not in self._excluded and key not in self._seen:
-            nbytes = storage.nbytes()
-            op = self._origin(storage)
-            self._seen[key] = (hint(nbytes), self._stack[-1], op)
-            self.symbolic[key] = (expression(nbytes), self._stack[-1], op)
-        return tensor
+    def _count(self, key: int, storage: torch.UntypedStorage) -> None:
+        nbytes = storage.nbytes()
+        op = self._origin(storage)
+        self._seen[key] = (hint(nbytes), self._stack[-1], op)
+        self._alive[key] = weakref.ref(storage)
+        self.symbolic[key] = (expression(nbytes), self._stack[-1], op)
+
+    def _forget(self, key: int) -> None:
+        super()._forget(key)
+        del self.symbolic[key]
 
     @contextlib.contextmanager
     def counting(self, origin=None) -> Iterator["SavedTensorCounter"]:
@@ -192,16 +196,18 @@ class SymbolicBackend(SimulateBackend):
             yield
         del dispatcher
 
-    def validity(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, tuple[int, ...]]]]:
+    def validity(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, tuple[int, ...]]], tuple]:
         """The set of (B, S, T) in which the recorded step is the step of every size.
 
         Returns:
-            ``(ranges, classes)``: a box {name: (lowest, highest)}, and {name: (modulus, residues)}
-            for the sizes a periodic guard splits by residue class (:mod:`membench.trace.periodic`).
+            ``(ranges, classes, conditions)``: a box {name: (lowest, highest)}; {name: (modulus,
+            residues)} for the sizes a periodic guard splits by residue class
+            (:mod:`membench.trace.periodic`); and the polynomial inequalities in several sizes the
+            step's path depends on (:func:`polynomial_condition`), in symbols named B, S and T.
 
         Raises:
-            TraceNotGeneral: a guard the step added is neither implied by bounds on single symbols
-                nor periodic in one symbol.
+            TraceNotGeneral: a guard the step added is neither implied by bounds on single symbols,
+                nor periodic in one symbol, nor a polynomial inequality.
         """
         ranges = {}
         for name, symbol in self.symbols.items():
@@ -211,16 +217,43 @@ class SymbolicBackend(SimulateBackend):
             ranges[name] = (max(2, int(bound.lower)), min(MAX_DIM, int(bound.upper)))
         var_ranges = {symbol: self.shape_env.var_to_range[symbol] for symbol in self.symbols.values()}
         names = {symbol: name for name, symbol in self.symbols.items()}
+        rename = {symbol: size_symbol(name) for name, symbol in self.symbols.items()}
         classes: dict[str, tuple[int, tuple[int, ...]]] = {}
+        conditions: list[sympy.Basic] = []
         for guard in self.shape_env.guards:
             implied = bound_sympy(guard.expr, var_ranges)
             if implied.is_singleton() and bool(implied.lower) is True:
                 continue
             symbol = next(iter(guard.expr.free_symbols)) if len(guard.expr.free_symbols) == 1 else None
             modulus = periodic.period(guard.expr, symbol) if symbol in names else None
-            if modulus is None:
+            if modulus is not None:
+                name = names[symbol]
+                periodic.combine(classes, name, modulus,
+                                 periodic.residues(guard.expr, symbol, modulus, ranges[name][0]))
+            elif polynomial_condition(guard.expr, tuple(names)):
+                condition = guard.expr.xreplace(rename)
+                if condition not in conditions:
+                    conditions.append(condition)
+            else:
                 text = str(guard.expr.xreplace({symbol: sympy.Symbol(name) for name, symbol in self.symbols.items()}))
                 raise TraceNotGeneral(f"the step depends on the workload's sizes beyond bounds: guard {text}")
-            name = names[symbol]
-            periodic.combine(classes, name, modulus, periodic.residues(guard.expr, symbol, modulus, ranges[name][0]))
-        return ranges, classes
+        return ranges, classes, tuple(conditions)
+
+
+def size_symbol(name: str) -> sympy.Symbol:
+    """The symbol a trace stores for size ``name`` (B, S or T) in its polynomials and conditions."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def polynomial_condition(guard: sympy.Basic, symbols: tuple[sympy.Symbol, ...]) -> bool:
+    """Whether ``guard`` is an inequality between polynomials in ``symbols`` (no division, no modulo).
+
+    Such a guard cuts the sizes into regions on whose every point the step takes the same path
+    (``B*S <= 1536``), so a trace answers the region its hints lie in. An equality is refused: it
+    would hold on a curve, not a region, and a trace of it would answer almost nothing.
+    """
+    if not isinstance(guard, sympy.core.relational.Relational) or isinstance(guard, sympy.Eq):
+        return False
+    if not guard.free_symbols or not guard.free_symbols <= set(symbols):
+        return False
+    return (guard.lhs - guard.rhs).is_polynomial(*symbols)
