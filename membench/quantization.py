@@ -1,7 +1,7 @@
 """Quantised bases (QLoRA): bitsandbytes' own layers, built as transformers' loader builds them.
 
 ``model.quantization=nf4|fp4`` replaces every linear layer except the output head (and tied or
-last modules: transformers' ``get_keys_to_not_convert``) with ``bnb.nn.Linear4bit`` through
+last modules, and the model's ``_keep_in_fp32_modules``: :func:`modules_not_quantized`) with ``bnb.nn.Linear4bit`` through
 ``transformers.integrations.bitsandbytes.replace_with_bnb_linear``, then quantises each weight
 the way ``Bnb4bitQuantize.convert`` does: ``Params4bit(weight, **old.__dict__).to(device)``.
 ``int8`` does the same with ``Linear8bitLt`` and ``Int8Params`` (LLM.int8()).
@@ -83,13 +83,12 @@ def quantize_base(model: nn.Module, settings: ModelConfig, precision: str, devic
     import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
 
     config = bnb_config(settings, precision)
     if device.type == "meta":
         quantization_maps_off_meta()
     originals = dict(model.named_modules())
-    replace_with_bnb_linear(model, get_keys_to_not_convert(model), config)
+    replace_with_bnb_linear(model, modules_not_quantized(model), config)
     four_bit = settings.quantization in ("nf4", "fp4")
     for name, layer in model.named_modules():
         if not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
@@ -108,6 +107,18 @@ def quantize_base(model: nn.Module, settings: ModelConfig, precision: str, devic
     model.is_loaded_in_4bit = four_bit  # PEFT picks its 4-bit / 8-bit LoRA layers from these
     model.is_loaded_in_8bit = not four_bit
     return model
+
+
+def modules_not_quantized(model: nn.Module) -> list[str]:
+    """What transformers' bitsandbytes loader leaves unquantised (``_process_model_before_weight_loading``).
+
+    Its defaults (``get_keys_to_not_convert``: the output head, tied and last modules) plus the
+    model's ``_keep_in_fp32_modules``: T5's feed-forward output ``wo``, whose forward casts its input
+    to the weight's dtype (a 4-bit weight's would be uint8).
+    """
+    from transformers.quantizers.base import HfQuantizer
+
+    return HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
 
 
 def is_quantized(param: torch.Tensor) -> bool:

@@ -136,6 +136,18 @@ def test_quantized_model_builds_bitsandbytes_layers():
     assert not isinstance(model.get_output_embeddings(), bnb.nn.Linear4bit)
 
 
+def test_t5_keeps_its_fp32_modules_unquantised_as_transformers_loader_does():
+    """T5's ``_keep_in_fp32_modules`` (``wo``): its forward casts the input to the weight's dtype, uint8 if 4-bit."""
+    run = tiny("tiny-t5", "qlora", "train.precision=bf16", backend="simulate")
+    from membench.backends import create_backend
+
+    model, _ = build(plan(run), create_backend(run.backend))
+    four_bit = [name for name, layer in model.named_modules() if isinstance(layer, bnb.nn.Linear4bit)]
+    assert any(".DenseReluDense.wi" in name for name in four_bit)
+    assert not any(".DenseReluDense.wo" in name for name in four_bit)
+    assert_simulate_equals_cpu(measure(tiny("tiny-t5", "qlora", "train.precision=bf16", backend="cpu")), measure(run))
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["method=full", "model.quantization=nf4"], "method.kind=full needs model.quantization=none"),
     (["method=qlora", "model.quantization=nf8"], "model.quantization='nf8' is not supported; choose one of: none, nf4"),
