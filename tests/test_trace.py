@@ -261,8 +261,8 @@ def test_llama_7b_lora_fa_from_one_trace():
                           "backend.name=simulate", f"workload.batch_size={batch}", f"workload.seq_len={seq}")
 
     trace = record_trace(run(16, 512))
-    for batch, seq in ((16, 512), (3, 77)):  # its speed is a benchmark in the README, not asserted here
-        assert_same(evaluate(trace, run(batch, seq)), measure(run(batch, seq)))
+    # Its own hints are checked by record_trace; its speed is a benchmark in the README, not asserted here.
+    assert_same(evaluate(trace, run(3, 77)), measure(run(3, 77)))
 
 
 PADDED = [("tiny-t5", "full", ()), ("tiny-roberta", "lora_fa_recompute", ())]  # T5's bias gradient; recompute
