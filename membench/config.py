@@ -88,7 +88,12 @@ class ModelConfig:
         trust_remote_code: Run the config code a Hub repository ships (off unless set).
         quantization: ``none``, or the base weights through bitsandbytes as transformers'
             ``BitsAndBytesConfig`` loads them: ``nf4`` / ``fp4`` (4-bit, QLoRA) or ``int8``
-            (LLM.int8()). Every linear layer except the output head and classifiers is quantised.
+            (LLM.int8()). Every linear layer is quantised except what transformers' loader leaves:
+            the output head, tied and last modules, and the model's ``_keep_in_fp32_modules``.
+        quantization_skip_modules: Module names left unquantised instead of transformers' defaults
+            (``BitsAndBytesConfig(llm_int8_skip_modules=...)``, matched as transformers matches them;
+            ``_keep_in_fp32_modules`` stay unquantised). ``null`` = the defaults. A classifier that
+            PEFT trains in full (RoBERTa's ``classifier``) must be listed.
         double_quant: 4-bit only: quantise the absmax statistics too (``bnb_4bit_use_double_quant``).
         compute_dtype: 4-bit only: the dtype matmuls run in (``bnb_4bit_compute_dtype``);
             ``null`` = the precision's dtype (bf16 for bf16 and bf16-autocast, fp16, fp32).
@@ -114,6 +119,7 @@ class ModelConfig:
     compute_dtype: Optional[str] = None
     quant_storage: str = "uint8"
     prepare_kbit_training: bool = False
+    quantization_skip_modules: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         check_choice("model.task", self.task, MODEL_TASKS)
@@ -121,6 +127,10 @@ class ModelConfig:
         if self.compute_dtype is not None:
             check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check_choice("model.quant_storage", self.quant_storage, QUANT_STORAGE_DTYPES)
+        if self.quantization == "none" and self.quantization_skip_modules is not None:
+            raise ConfigError("model.quantization_skip_modules names what a quantised base leaves unquantised; "
+                              f"set model.quantization ({', '.join(q for q in QUANTIZATIONS if q != 'none')}) or "
+                              "drop it")
         if self.quantization == "none" and self.prepare_kbit_training:
             raise ConfigError("model.prepare_kbit_training=true prepares a quantised base; set model.quantization "
                               f"({', '.join(q for q in QUANTIZATIONS if q != 'none')}) or drop it")

@@ -27,6 +27,7 @@ from membench.models import (
     resolve_model,
 )
 from membench.parallel.checks import check_parallel
+from membench.quantization import check_trainable_heads_unquantised
 from membench.preflight import AdaptedLayer, adapted_layers, check_rank, check_sequence_length
 
 
@@ -133,6 +134,8 @@ def plan(run: RunConfig) -> Plan:
             targets, excludes = all_linear_targets(meta_model)
         adapted = adapted_layers(meta_model, targets, excludes)
         check_rank(run.method.rank, adapted)
+        if run.model.quantization != "none" and model.task == "sequence_classification":
+            check_trainable_heads_unquantised(run.model, meta_model)
         target_parameters, not_adapted = resolve_target_parameters(run, meta_model)
         if run.method.dora:
             check_dora_layers(run, model, hf_config, targets, excludes, target_parameters)

@@ -25,7 +25,7 @@ so the weight bytes count them.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ def quantize_base(model: nn.Module, settings: ModelConfig, precision: str, devic
     if device.type == "meta":
         quantization_maps_off_meta()
     originals = dict(model.named_modules())
-    replace_with_bnb_linear(model, modules_not_quantized(model), config)
+    replace_with_bnb_linear(model, modules_not_quantized(model, settings.quantization_skip_modules), config)
     four_bit = settings.quantization in ("nf4", "fp4")
     for name, layer in model.named_modules():
         if not isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
@@ -109,16 +109,57 @@ def quantize_base(model: nn.Module, settings: ModelConfig, precision: str, devic
     return model
 
 
-def modules_not_quantized(model: nn.Module) -> list[str]:
+def modules_not_quantized(model: nn.Module, skip_modules: Optional[list[str]] = None) -> list[str]:
     """What transformers' bitsandbytes loader leaves unquantised (``_process_model_before_weight_loading``).
 
-    Its defaults (``get_keys_to_not_convert``: the output head, tied and last modules) plus the
-    model's ``_keep_in_fp32_modules``: T5's feed-forward output ``wo``, whose forward casts its input
-    to the weight's dtype (a 4-bit weight's would be uint8).
+    ``skip_modules`` (``llm_int8_skip_modules``), or when None its defaults
+    (``get_keys_to_not_convert``: the output head, tied and last modules); in both cases plus the
+    model's ``_keep_in_fp32_modules``: T5's feed-forward output ``wo``, whose forward casts its
+    input to the weight's dtype (a 4-bit weight's would be uint8).
     """
     from transformers.quantizers.base import HfQuantizer
 
-    return HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return HfQuantizer.get_modules_to_not_convert(model, skip_modules, getattr(model, "_keep_in_fp32_modules", None))
+
+
+def quantized_linear_names(model: nn.Module, skip_modules: Optional[list[str]] = None) -> list[str]:
+    """The names of ``model``'s linear layers (``nn.Linear``, transformers' ``Conv1D``) a quantised base replaces."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    keep = modules_not_quantized(model, skip_modules)
+    return [name for name, module in model.named_modules()  # replace_with_bnb_linear's own test
+            if (isinstance(module, Conv1D) or type(module) is nn.Linear) and should_convert_module(name, keep)]
+
+
+#: The modules PEFT trains in full for sequence classification, by name suffix
+#: (``PeftModelForSequenceClassification``: ``classifier_module_names``, added to ``modules_to_save``).
+PEFT_CLASSIFIER_NAMES = ("classifier", "score")
+
+
+def check_trainable_heads_unquantised(settings: ModelConfig, meta_model: nn.Module) -> None:
+    """A classifier head PEFT trains in full must not be quantised: a 4-bit or 8-bit weight takes no gradient.
+
+    transformers' loader quantises RoBERTa's ``classifier`` (its defaults skip only the head's last
+    bias), and PEFT then fails to make it trainable; so does membench, before building anything.
+
+    Raises:
+        ConfigError: naming the quantised head layers and the ``model.quantization_skip_modules`` that fixes it.
+    """
+    heads: dict[str, list[str]] = {}
+    for name in quantized_linear_names(meta_model, settings.quantization_skip_modules):
+        parts = name.split(".")
+        for end in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:end])
+            if prefix.endswith(PEFT_CLASSIFIER_NAMES):
+                heads.setdefault(prefix, []).append(name)
+                break
+    if heads:
+        layers = ", ".join(name for names in heads.values() for name in names)
+        raise ConfigError(
+            f"model.quantization={settings.quantization} quantises {layers}, in the classification head that PEFT "
+            f"trains in full (modules_to_save), and a quantised weight cannot take gradients (transformers' loader "
+            f"does the same); leave the head unquantised: model.quantization_skip_modules=[{','.join(heads)}]")
 
 
 def is_quantized(param: torch.Tensor) -> bool:

@@ -148,6 +148,17 @@ def test_t5_keeps_its_fp32_modules_unquantised_as_transformers_loader_does():
     assert_simulate_equals_cpu(measure(tiny("tiny-t5", "qlora", "train.precision=bf16", backend="cpu")), measure(run))
 
 
+def test_a_quantised_classifier_head_is_a_clear_error_and_skipping_it_runs():
+    """transformers' loader quantises RoBERTa's classifier, which PEFT then trains in full: named before any build."""
+    with pytest.raises(ConfigError, match=r"quantises classifier\.dense, classifier\.out_proj, .*"
+                                          r"model\.quantization_skip_modules=\[classifier\]"):
+        plan(tiny("tiny-roberta", "qlora", backend="simulate"))
+    skip = "model.quantization_skip_modules=[classifier]"
+    simulated = measure(tiny("tiny-roberta", "qlora", skip, backend="simulate"))
+    assert_simulate_equals_cpu(measure(tiny("tiny-roberta", "qlora", skip, backend="cpu")), simulated)
+    assert simulated.metrics["trainable_params"] > 0
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["method=full", "model.quantization=nf4"], "method.kind=full needs model.quantization=none"),
     (["method=qlora", "model.quantization=nf8"], "model.quantization='nf8' is not supported; choose one of: none, nf4"),
@@ -156,6 +167,7 @@ def test_t5_keeps_its_fp32_modules_unquantised_as_transformers_loader_does():
     (["method=lora", "model.prepare_kbit_training=true"], "prepares a quantised base"),
     (["method=qlora", "model.quantization=int8", "model.compute_dtype=bf16"], "4-bit knobs"),
     (["method=full", "method.dora=true"], "method.kind=full has none"),
+    (["method=lora", "model.quantization_skip_modules=[lm_head]"], "names what a quantised base leaves unquantised"),
 ])
 def test_bad_input_is_named(overrides, expected):
     with pytest.raises(ConfigError) as error:
