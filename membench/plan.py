@@ -60,6 +60,15 @@ class Plan:
         if self.model is None:
             self.model = self.run.model
 
+    def env(self) -> dict:
+        """What the defaults resolved to, for a result's ``env`` (so a row stays exact if the family defaults change)."""
+        return {"target_modules": self.targets, "exclude_modules": self.excludes, "adapted_layers": len(self.adapted),
+                # The task and attention actually built, and why (model.task=auto, sdpa refused).
+                **{f"resolved_{key}" if key in ("task", "attn_implementation") else key: value
+                   for key, value in self.resolution.items()},
+                **({"not_adapted": self.not_adapted} if self.not_adapted else {}),
+                **({"target_parameters": self.target_parameters} if self.target_parameters else {})}
+
 
 def resolve_target_parameters(run: RunConfig, meta_model: nn.Module) -> tuple[list[str], list[str]]:
     """(parameters PEFT adapts via ``target_parameters``, fused expert weights left unadapted).

@@ -171,15 +171,7 @@ def execute(the_plan: Plan, backend: Optional[Backend] = None) -> Result:
     warmup_steps, primed = warmup(run, backend)
     metrics.runtime_overhead_bytes = described.get("runtime_overhead_bytes", 0)
     env = {"backend": backend.name, **described, **reserved_env, **provenance(), "identity_version": IDENTITY_VERSION,
-           # What the defaults resolved to, so a row stays exact if the family defaults change.
-           "target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
-           "adapted_layers": len(the_plan.adapted),
-           # The task and attention actually built, and why (model.task=auto, sdpa refused).
-           **{f"resolved_{key}" if key in ("task", "attn_implementation") else key: value
-              for key, value in the_plan.resolution.items()},
-           **({"not_adapted": the_plan.not_adapted} if the_plan.not_adapted else {}),
-           **({"target_parameters": the_plan.target_parameters} if the_plan.target_parameters else {}),
-           "warmup_steps_run": warmup_steps, "optimizer_primed": primed,
+           **the_plan.env(), "warmup_steps_run": warmup_steps, "optimizer_primed": primed,
            "wall_time_s": round(time.perf_counter() - started, 3)}
     return Result(the_run_id, config, status, dataclasses.asdict(metrics), env)
 

@@ -97,9 +97,14 @@ def test_trace_covers_current_decoders(family, method, precision, tmp_path):
         assert_same(evaluate(trace, run(batch, seq)), measure(run(batch, seq)))
 
 
-@pytest.mark.parametrize(("family", "method", "precision"), [("gemma3_text", "lora", "bf16"), ("bert", "lora_fa", "fp32")])
+SPLIT = [("gemma3_text", "lora", "bf16"), ("bert", "lora_fa", "fp32"), ("deberta-v2", "lora", "fp32"),
+         ("mixtral", "lora", "bf16"), ("qwen3_moe", "lora_fa_recompute", "bf16")]
+
+
+@pytest.mark.parametrize(("family", "method", "precision"), SPLIT, ids=[case[0] for case in SPLIT])
 def test_trace_covers_split_families(family, method, precision, tmp_path):
-    """Gemma 3 (sliding window, sdpa's padded log-sum-exp) and BERT: the traces a cache splits into answer exactly."""
+    """Gemma 3 (sliding window, sdpa's padded log-sum-exp), BERT, DeBERTa-v3 (its position buckets bound S) and
+    the MoE decoders (PEFT's target_parameters on the fused experts): the traces a cache keeps answer exactly."""
     import json
 
     from test_families import FAMILIES

@@ -137,19 +137,6 @@ def _symbolic_saved_counters(made: list):
         yield
 
 
-def plan_env(the_plan) -> dict[str, Any]:
-    """The plan's part of a result's ``env``, in :func:`membench.runner.execute`'s order and names."""
-    env = {"target_modules": the_plan.targets, "exclude_modules": the_plan.excludes,
-           "adapted_layers": len(the_plan.adapted)}
-    resolution = getattr(the_plan, "resolution", None) or {}
-    env.update({f"resolved_{key}" if key in ("task", "attn_implementation") else key: value
-                for key, value in resolution.items()})
-    not_adapted = getattr(the_plan, "not_adapted", None)
-    if not_adapted:
-        env["not_adapted"] = not_adapted
-    return env
-
-
 def _label(func) -> Optional[str]:
     if func is None or func == WORKSPACE:
         return func
@@ -234,7 +221,7 @@ def record_trace(run: RunConfig) -> Trace:
             constant[name] = attribute if not isinstance(attribute, int) or isinstance(attribute, bool) \
                 else int(attribute)
     warmup_steps, primed = warmup(run, backend)
-    env = {"backend": backend.name, **backend.describe(), "plan": plan_env(the_plan),
+    env = {"backend": backend.name, **backend.describe(), "plan": the_plan.env(),
            "warmup_steps_run": warmup_steps, "optimizer_primed": primed}
     # As runner.execute does after the step.
     metrics.runtime_overhead_bytes = constant["runtime_overhead_bytes"] = env.get("runtime_overhead_bytes", 0)
