@@ -34,7 +34,7 @@ from membench.config import (BackendConfig, MethodConfig, ModelConfig, ParallelC
 from membench.devices import DEVICES, DeviceProfile
 from membench.errors import ConfigError
 from membench.files import check_writable_dir, write_atomic
-from membench.identity import config_digest, settings_record
+from membench.identity import settings_digest, settings_record
 from membench.results import provenance
 from membench.maxfit.config import CONFIRM, DIMENSIONS
 from membench.maxfit.text import budget_label
@@ -194,7 +194,7 @@ def write_fit(rows: list[dict[str, Any]], directory: str | Path, settings: dict[
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     first = rows[0] if rows else {"model": "none", "precision": "none"}
-    stem = "--".join(["fit", str(first["model"]), str(first["precision"]), config_digest(settings)])
+    stem = "--".join(["fit", str(first["model"]), str(first["precision"]), settings_digest(settings)])
     paths = [directory / f"{stem}.{suffix}" for suffix in ("json", "csv", "md")]
     write_atomic(paths[0], json.dumps({"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings,
                                        "rows": rows, "env": {"backend": "simulate", **provenance()}},

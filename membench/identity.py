@@ -83,6 +83,18 @@ def settings_record(run: RunConfig) -> dict:
     return config
 
 
+def settings_digest(settings: dict[str, Any]) -> str:
+    """The digest membench-fit and membench-maxfit name their files by (the same search overwrites its own file).
+
+    ``settings`` with each run reduced to its :func:`identity_fields`, by the run ids' rules: a
+    config field added later, at its default, renames no file (files are read by content, so
+    ``settings`` itself keeps every field).
+    """
+    if "runs" in settings:
+        settings = {**settings, "runs": [identity_fields(run) for run in settings["runs"]]}
+    return config_digest(settings)
+
+
 def _defaults(instance: Any) -> dict[str, Any]:
     """Each field's default value in ``instance``'s dataclass (fields without one are left out)."""
     defaults = {}

@@ -101,3 +101,20 @@ def test_fit_rejects_an_unknown_criterion_or_dimension():
         run_app("model=tiny-llama", "fit.by=peak")
     with pytest.raises(ConfigError, match="'layers' is not supported"):
         run_app("model=tiny-llama", "fit.dimensions=[layers]")
+
+
+def test_committed_fit_files_keep_their_names_when_fields_are_added():
+    """Fit (and maxfit) files are named by a digest of their settings with each run reduced to its identity
+    fields: this file, written before the QLoRA and DoRA knobs existed, gets its name from today's settings too,
+    so a re-run replaces it instead of sitting beside it in the table."""
+    from conftest import ROOT, run_config
+    from membench.identity import settings_digest, settings_record
+
+    path = ROOT / "results" / "fit" / "fit--llama-3.1-8b--bf16--9bac4384.json"
+    settings = json.loads(path.read_text())["settings"]
+    runs = [run_config("model=llama-3.1-8b", f"method={method}", "train.precision=bf16", "workload.seq_len=2048",
+                       "workload.batch_size=1", "method.rank=16")
+            for method in ("lora", "lora_fa", "lora_recompute", "lora_fa_recompute")]
+    today = {**settings, "runs": [settings_record(run) for run in runs]}
+    assert "quantization" in today["runs"][0]["model"] and "quantization" not in settings["runs"][0]["model"]
+    assert path.stem.endswith(settings_digest(settings)) and path.stem.endswith(settings_digest(today))

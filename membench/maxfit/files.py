@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from membench.files import write_atomic
-from membench.identity import config_digest
+from membench.identity import settings_digest
 from membench.maxfit.rows import COLUMNS, INT_COLUMNS
 from membench.results import provenance
 
@@ -29,7 +29,7 @@ def write_maxfit(rows: list[dict[str, Any]], directory: str | Path, settings: di
     directory.mkdir(parents=True, exist_ok=True)
     first = rows[0] if rows else {"model": "none", "precision": "none", "backend": "none"}
     stem = "--".join(["maxfit", str(first["model"]), str(first["precision"]), str(first["backend"]),
-                      config_digest(settings)])
+                      settings_digest(settings)])
     json_path, csv_path = directory / f"{stem}.json", directory / f"{stem}.csv"
     document = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings, "rows": rows,
                 "env": provenance()}  # each row names its backend
