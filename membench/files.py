@@ -59,7 +59,8 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    # Not ending in path's suffix: a process killed before the rename leaves a file no "*.json" glob reads.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)

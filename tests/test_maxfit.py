@@ -175,7 +175,7 @@ def test_command_writes_json_and_csv_and_the_report_reads_them(tmp_path, batch_p
     assert rows[0]["max_fit"] == 3 and rows[0]["rank"] == 4 and rows[2]["rank"] is None
     assert rows[1]["max_fit"] >= rows[0]["max_fit"]  # LoRA-FA keeps no copy of X
     assert set(rows[0]) == set(maxfit.COLUMNS) and rows[0]["git_sha"] and rows[0]["torch"]
-    assert json_path.exists() and csv_path.exists() and not list(json_path.parent.glob(".tmp-*"))
+    assert json_path.exists() and csv_path.exists() and not list(json_path.parent.glob(".*.tmp"))
     assert {"torch", "transformers", "peft", "git_sha"} <= set(json.loads(json_path.read_text())["env"])
     printed = out.getvalue()
     assert "lora_fa fits batch" in printed and "max_memory_allocated" in printed

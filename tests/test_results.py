@@ -328,3 +328,17 @@ def test_git_dirty_means_changed_code_not_rewritten_results(tmp_path):
     assert membench.results.source_provenance(package)["git_dirty"] is False
     (tmp_path / "membench" / "__init__.py").write_text("x = 1\n")
     assert membench.results.source_provenance(package)["git_dirty"] is True
+
+
+def test_a_write_killed_before_its_rename_leaves_nothing_a_json_glob_reads(tmp_path):
+    """SIGKILL between the temporary file's fsync and the rename (a sweep killed mid-write) leaves the
+    temporary file behind, complete: it must not pass for a result (``*.json``) in the folder."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys; from membench import files; "
+              "files.os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL); "
+              "files.write_atomic(sys.argv[1], '{}')")
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run.json")], capture_output=True)
+    assert killed.returncode == -9
+    assert len(list(tmp_path.iterdir())) == 1 and list(tmp_path.glob("*.json")) == []
