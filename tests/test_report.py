@@ -17,6 +17,8 @@ from membench.runner import measure
 from tests.conftest import tiny
 
 MODELS = ("tiny-llama", "tiny-roberta")
+# One worker builds the session's sweep (12 s) once, not once per worker (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("report_sweep")
 
 
 @pytest.fixture(scope="session")
