@@ -256,8 +256,6 @@ def test_walk_is_exact_on_paper_sizes(overrides):
 @pytest.mark.parametrize("overrides", [
     ("model=roberta-large", "method=full", "workload.batch_size=32", "model.attn_implementation=eager"),
     ("model=t5-small", "method=lora_recompute", "workload.seq_len=256", "workload.batch_size=8"),  # recompute in T5
-    ("model=llama-7b", "method=lora", "train.precision=bf16", "workload.seq_len=512", "workload.batch_size=16",
-     "method.rank=64"),
     ("model=llama-7b", "method=lora_fa", "train.precision=bf16", "workload.seq_len=512", "workload.batch_size=4",
      "method.adapter_dtype=base"),
 ])
