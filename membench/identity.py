@@ -49,7 +49,7 @@ def recorded_config(run: RunConfig, backend_name: str) -> dict:
     """The config as stored in the result: every field, resolved backend, no output-only fields.
 
     The backend knobs ``backend_name`` ignores and :data:`UNRECORDED_BACKEND_KEYS` are left out, and ``backend.memory_snapshot``
-    is recorded only when on (results written before it existed do not have it).
+    and :data:`RECORDED_WHEN_SET` are recorded only when set (results written before they existed do not have them).
     """
     config = dataclasses.asdict(run)
     for key in OUTPUT_ONLY:
@@ -62,7 +62,17 @@ def recorded_config(run: RunConfig, backend_name: str) -> dict:
         backend.pop(key, None)
     if not backend.get("memory_snapshot"):
         backend.pop("memory_snapshot", None)
+    for section, names in RECORDED_WHEN_SET.items():
+        defaults = _defaults(getattr(run, section))
+        for name in names:
+            if config[section].get(name) == defaults[name]:
+                config[section].pop(name)
     return config
+
+
+#: Fields added after results were committed: recorded only when set, so a result of a run that leaves
+#: them at their defaults is the same file, byte for byte apart from provenance, as one written before.
+RECORDED_WHEN_SET = {"model": ("quantization_skip_modules",)}
 
 
 #: Config sections added after identity version 1. A record of a run that other files hash for their
