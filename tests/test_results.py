@@ -342,3 +342,19 @@ def test_a_write_killed_before_its_rename_leaves_nothing_a_json_glob_reads(tmp_p
     killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run.json")], capture_output=True)
     assert killed.returncode == -9
     assert len(list(tmp_path.iterdir())) == 1 and list(tmp_path.glob("*.json")) == []
+
+
+def test_a_field_added_later_is_recorded_only_when_set():
+    """A committed result and one written today for the same run are the same file apart from provenance."""
+    import json
+
+    from conftest import ROOT, run_config
+    from membench.identity import recorded_config
+
+    committed = json.loads(next((ROOT / "results" / "paper" / "runs").glob("roberta-base--lora--r8--bs16-*.json"))
+                           .read_text())
+    today = recorded_config(run_config("model=roberta-base", "method=lora", "method.rank=8", "workload.batch_size=16",
+                                       "workload.seq_len=128", "backend.name=simulate"), "simulate")
+    assert today == committed["config"]
+    skipped = run_config("model=tiny-llama", "method=qlora", "model.quantization_skip_modules=[lm_head]")
+    assert recorded_config(skipped, "simulate")["model"]["quantization_skip_modules"] == ["lm_head"]
