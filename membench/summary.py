@@ -54,11 +54,12 @@ def headline(result: Result) -> str:
     return f"{describe_config(result.config)} → {'OOM, ' if state == 'oom' else ''}{figure}"
 
 
-def reserved_clause(metrics: dict, env: dict) -> str:
+def reserved_clause(metrics: dict, env: dict, finished: bool = True) -> str:
     """`` allocated, 53.10 GiB reserved (79.6 GiB card: fits, 26.0 GiB spare)``; empty without a reserved figure.
 
     Spare is the card's capacity less the CUDA context (``env.cuda_context_bytes``, outside reserved
-    memory) less the reserved peak; negative spare is reported as short.
+    memory) less the reserved peak; negative spare is reported as short. A run that did not finish
+    (``finished=False``: an OOM) gets no verdict: its reserved peak stops where the allocator failed.
     """
     reserved = metrics.get("peak_reserved_bytes")
     if reserved is None:
@@ -68,6 +69,8 @@ def reserved_clause(metrics: dict, env: dict) -> str:
     total = env.get("device_total_memory_bytes")
     if not total:
         return clause
+    if not finished:
+        return f"{clause} ({total / GIB:.1f} GiB card)"
     spare = total - (env.get("cuda_context_bytes") or 0) - reserved
     verdict = f"fits, {spare / GIB:.1f} GiB spare" if spare >= 0 else f"does not fit, {-spare / GIB:.1f} GiB short"
     return f"{clause} ({total / GIB:.1f} GiB card: {verdict})"
@@ -94,7 +97,7 @@ def summarize(result: Result) -> str:
     if m.get("gathered_param_peak_bytes") is not None:
         breakdown += f"; gathered weights peak {amount(m['gathered_param_peak_bytes'], size)}"
     figures = (f"peak {amount(m['peak_allocated_bytes'], size)} {unit}{per_gpu(result.config)}"
-               f"{reserved_clause(m, result.env)} ({breakdown}; "
+               f"{reserved_clause(m, result.env, finished=result.status.state == 'ok')} ({breakdown}; "
                f"saved for backward {amount(m['saved_tensor_bytes'], size)}{kept_clause}), {timing}")
     status = result.status
     if status.state == "ok":

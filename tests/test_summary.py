@@ -47,6 +47,10 @@ def test_reserved_line_shows_both_figures_and_the_margin():
     assert "80.00 GiB reserved (80.0 GiB card: does not fit, 0.5 GiB short)" in tight
     cpu = summarize(Result("id", CONFIG, Status(), metrics, {**ENV, "device_total_memory_bytes": None}))
     assert "peak 10.00 GiB allocated, 12.00 GiB reserved (weights" in cpu
+    # An OOM's reserved peak stops where the allocator failed: no "fits" verdict after "OOM".
+    oom = summarize(Result("id", CONFIG, Status("oom", "forward", "predicted reserved memory runs out"), metrics, env))
+    assert "→ OOM in forward: predicted reserved memory runs out; peak 10.00 GiB allocated, 12.00 GiB reserved " \
+           "(80.0 GiB card) (weights" in oom and "fits" not in oom
 
 
 def test_ctx_kept_bytes_are_named_beside_the_saved_ones():
