@@ -43,13 +43,17 @@ OUTPUT_ONLY = ("results_dir", "force")
 IRRELEVANT_BACKEND_KEYS = {"cuda": ("device", "fake_device", "cuda_semantics"), "cpu": ("device", "fake_device")}
 #: Backend knobs that choose how the same result is computed: never recorded, never part of any id.
 UNRECORDED_BACKEND_KEYS = ("trace",)
+#: Fields added after results were committed: recorded only when set, so a result of a run that leaves
+#: them at their defaults is the same file, byte for byte apart from provenance, as one written before.
+RECORDED_WHEN_SET = {"backend": ("memory_snapshot",), "model": ("quantization_skip_modules",)}
 
 
 def recorded_config(run: RunConfig, backend_name: str) -> dict:
     """The config as stored in the result: every field, resolved backend, no output-only fields.
 
-    The backend knobs ``backend_name`` ignores and :data:`UNRECORDED_BACKEND_KEYS` are left out, and ``backend.memory_snapshot``
-    and :data:`RECORDED_WHEN_SET` are recorded only when set (results written before they existed do not have them).
+    The backend knobs ``backend_name`` ignores and :data:`UNRECORDED_BACKEND_KEYS` are left out, and
+    :data:`RECORDED_WHEN_SET` (``backend.memory_snapshot`` among them) are recorded only when set (results
+    written before they existed do not have them).
     """
     config = dataclasses.asdict(run)
     for key in OUTPUT_ONLY:
@@ -60,19 +64,12 @@ def recorded_config(run: RunConfig, backend_name: str) -> dict:
         backend.pop(key)
     for key in UNRECORDED_BACKEND_KEYS:
         backend.pop(key, None)
-    if not backend.get("memory_snapshot"):
-        backend.pop("memory_snapshot", None)
     for section, names in RECORDED_WHEN_SET.items():
         defaults = _defaults(getattr(run, section))
         for name in names:
             if config[section].get(name) == defaults[name]:
-                config[section].pop(name)
+                config[section].pop(name, None)
     return config
-
-
-#: Fields added after results were committed: recorded only when set, so a result of a run that leaves
-#: them at their defaults is the same file, byte for byte apart from provenance, as one written before.
-RECORDED_WHEN_SET = {"model": ("quantization_skip_modules",)}
 
 
 #: Config sections added after identity version 1. A record of a run that other files hash for their

@@ -97,7 +97,8 @@ class Trace:
 
     def contains(self, run: RunConfig) -> Optional[str]:
         """None when ``run``'s sizes lie in :attr:`validity`, its :attr:`classes` and :attr:`conditions`, else why not (one line)."""
-        for name, value in zip(DIMS, workload_dims(run)):
+        dims = workload_dims(run)
+        for name, value in zip(DIMS, dims):
             low, high = self.validity[name]
             if not low <= value <= high:
                 return f"{name}={value} is outside the trace's validity range [{low}, {high}]"
@@ -105,7 +106,7 @@ class Trace:
             if value % modulus not in residues:
                 return (f"{name}={value} is outside the trace's residue classes ({name} % {modulus} in "
                         f"{_ranges_text(residues)})")
-        sizes = {size_symbol(name): sympy.Integer(value) for name, value in zip(DIMS, workload_dims(run))}
+        sizes = {size_symbol(name): sympy.Integer(value) for name, value in zip(DIMS, dims)}
         for condition in self.conditions:
             if not bool(condition.xreplace(sizes)):
                 values = ", ".join(f"{symbol}={sizes[symbol]}" for symbol in sorted(condition.free_symbols, key=str))

@@ -22,7 +22,6 @@ sympy expression in the symbols. Pitfalls this module avoids (see the project's 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Iterator, Optional
 
 import sympy
@@ -130,11 +129,10 @@ class SymbolicSavedCounter(SavedTensorCounter):
         self.symbolic: dict[int, tuple] = {}
 
     def _count(self, key: int, storage: torch.UntypedStorage) -> None:
-        nbytes = storage.nbytes()
-        op = self._origin(storage)
-        self._seen[key] = (hint(nbytes), self._stack[-1], op)
-        self._alive[key] = weakref.ref(storage)
-        self.symbolic[key] = (expression(nbytes), self._stack[-1], op)
+        super()._count(key, storage)
+        nbytes, module, op = self._seen[key]
+        self._seen[key] = (hint(nbytes), module, op)
+        self.symbolic[key] = (expression(nbytes), module, op)
 
     def _forget(self, key: int) -> None:
         super()._forget(key)
@@ -235,8 +233,8 @@ class SymbolicBackend(SimulateBackend):
                 if condition not in conditions:
                     conditions.append(condition)
             else:
-                text = str(guard.expr.xreplace({symbol: sympy.Symbol(name) for name, symbol in self.symbols.items()}))
-                raise TraceNotGeneral(f"the step depends on the workload's sizes beyond bounds: guard {text}")
+                raise TraceNotGeneral("the step depends on the workload's sizes beyond bounds: guard "
+                                      f"{guard.expr.xreplace(rename)}")
         return ranges, classes, tuple(conditions)
 
 
