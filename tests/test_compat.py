@@ -27,7 +27,7 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 15
+    assert len(compat.CHECKS) == 16
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
@@ -600,4 +600,48 @@ def test_dtensor_metadata_scope_refuses_a_propagator_without_its_lock(monkeypatc
     with pytest.raises(CompatError, match=loud("torch", TORCH, "has no ShardingPropagator._fake_mode_lock",
                                                need="to leave out the fake global-shape tensors")):
         with compat.dtensor_metadata_unseen(lambda: None, lambda: None):
+            pass
+
+
+def _symbolic_sizes():
+    """Two SymInts of one fresh shape environment (hints 6 and 10), and that environment."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv(duck_shape=False)
+    mode = compat.FakeTensorMode(shape_env=shape_env)
+    template = mode.from_tensor(torch.empty(6, 10, device="meta"),
+                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 2))
+    return (*template.shape, shape_env)
+
+
+def _arithmetic(a, b):
+    """Size arithmetic as a tensor's metadata makes it: products, sums, comparisons, max, floor division."""
+    return [a * b, a * b * 4, a + b, (a + 1) * b - a, torch.sym_max(a, b), a // 2, a * b > 64, a == b, (a >= 2) & (b >= 2)]
+
+
+def test_memoized_symbolic_arithmetic_builds_the_nodes_torch_builds_and_restores_torch():
+    from torch.fx.experimental.sym_node import SymNode
+
+    before = {name: getattr(SymNode, name) for name in compat.symbolic_binary_operations()}
+    a, b, shape_env = _symbolic_sizes()
+    plain = _arithmetic(a, b)
+    with compat.memoized_symbolic_arithmetic(shape_env):
+        first, again = _arithmetic(a, b), _arithmetic(a, b)
+        assert all(x.node is y.node for x, y in zip(first, again))  # one node per distinct operation
+        c, d, other_env = _symbolic_sizes()  # another environment's operands go to torch
+        assert (c * d).node is not (c * d).node
+    assert {name: getattr(SymNode, name) for name in before} == before
+    assert (a * b).node is not (a * b).node
+    for mine, torchs in zip(first, plain):
+        assert (mine.node.expr, mine.node.hint, mine.node.pytype) == (torchs.node.expr, torchs.node.hint,
+                                                                      torchs.node.pytype)
+
+
+def test_memoized_symbolic_arithmetic_refuses_a_changed_operation(monkeypatch):
+    from torch.fx.experimental.sym_node import SymNode
+
+    monkeypatch.setattr(SymNode, "_mul", lambda self, other: None)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "SymNode._mul", "binary_magic_impl",
+                                               need="memoize symbolic size arithmetic")):
+        with compat.memoized_symbolic_arithmetic(None):
             pass

@@ -1,11 +1,18 @@
-"""torch's sympy integer-division functions, which symbolic sizes are written in.
+"""torch's symbolic sizes: the sympy classes they are written in, and a faster way to build them.
 
-:mod:`membench.trace.periodic` proves a shape guard periodic by rewriting these with
-``sympy.floor``; it has to know which classes they are. They live in torch's private
-``torch.utils._sympy.functions``.
+* :func:`sympy_integer_divisions`: :mod:`membench.trace.periodic` proves a shape guard periodic by
+  rewriting torch's integer divisions with ``sympy.floor``; it has to know which classes they are.
+  They live in torch's private ``torch.utils._sympy.functions``.
+* :func:`memoized_symbolic_arithmetic`: recording a trace repeats the same size arithmetic on
+  ``SymNode`` (private ``torch.fx.experimental.sym_node``) hundreds of thousands of times.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Callable, Iterator
 
 from membench.compat._checks import incompatible
 
@@ -25,3 +32,81 @@ def sympy_integer_divisions() -> dict[type, str]:
                                "to prove a shape guard periodic (membench.trace.periodic)")
         found[cls] = name
     return found
+
+
+#: SymNode's binary operations :func:`memoized_symbolic_arithmetic` memoizes. Each one's result is a
+#: function of its operands' expressions, hints and types alone (torch's ``binary_magic_impl``); ``mod``
+#: is left out because it also reads the shape environment's value ranges, which narrow as guards are added.
+MEMOIZED_OPERATIONS = ("add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "sym_max", "sym_min",
+                       "int_floordiv")
+
+
+def _operation_attribute(name: str) -> str:
+    return f"_{name}_" if name in ("and", "or") else f"_{name}"  # torch's names, a trailing _ after a keyword
+
+
+def symbolic_binary_operations() -> dict[str, Callable]:
+    """SymNode's attribute -> torch's implementation, for :data:`MEMOIZED_OPERATIONS`; CompatError if one changed."""
+    from torch.fx.experimental.sym_node import SymNode
+
+    found = {}
+    for name in MEMOIZED_OPERATIONS:
+        attribute = _operation_attribute(name)
+        operation = getattr(SymNode, attribute, None)
+        if operation is None or getattr(inspect.unwrap(operation), "__name__", None) != "binary_magic_impl":
+            raise incompatible("torch", f"has no SymNode.{attribute} built by binary_magic_impl",
+                               "to memoize symbolic size arithmetic while recording a trace (membench.trace.symbolic)")
+        found[attribute] = operation
+    return found
+
+
+@contextlib.contextmanager
+def memoized_symbolic_arithmetic(shape_env) -> Iterator[None]:
+    """Within the block, SymNode arithmetic on ``shape_env``'s symbols returns one node per distinct operation.
+
+    Why: a symbolic step spends most of its time in size arithmetic that C++ calls back into Python
+    for (every fake tensor's numel, strides, storage size and contiguity, as sympy expressions), and
+    almost all of it repeats: recording RoBERTa-base's step makes about 168,000 such operations on
+    780 distinct operand pairs. torch builds a new node each time.
+
+    What it keeps exact: the memo key is everything torch's ``binary_magic_impl`` reads from its
+    operands (operation, current expressions, hints, Python types, the summation flag), so the node
+    it returns is the node torch would build. Nothing in a node changes after it is made but its
+    cached replacement of the expression, which depends on the shape environment, not on the node.
+    Operands of another shape environment, a proxy-tracing mode (``make_fx``), translation
+    validation (which gives each node an FX node of its own) and hints that are themselves
+    symbolic go to torch unmemoized.
+    """
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    from torch.fx.experimental.sym_node import SymNode
+    from torch.fx.experimental.validator import translation_validation_enabled
+
+    originals = symbolic_binary_operations()
+    if translation_validation_enabled():
+        yield
+        return
+    memo: dict[tuple, Any] = {}
+    plain = (int, bool, float, type(None))
+
+    def memoized(attribute: str, operation: Callable) -> Callable:
+        @functools.wraps(operation)
+        def apply(self, other):
+            if (type(other) is not SymNode or self.shape_env is not shape_env or other.shape_env is not shape_env
+                    or type(self._hint) not in plain or type(other._hint) not in plain or get_proxy_mode() is not None):
+                return operation(self, other)
+            key = (attribute, self.expr, other.expr, self.pytype, other.pytype, self._hint, other._hint,
+                   self._optimized_summation, other._optimized_summation)
+            node = memo.get(key)
+            if node is None:
+                node = memo[key] = operation(self, other)
+            return node
+        return apply
+
+    for attribute, operation in originals.items():
+        setattr(SymNode, attribute, memoized(attribute, operation))
+    try:
+        yield
+    finally:
+        for attribute, operation in originals.items():
+            setattr(SymNode, attribute, operation)
+        memo.clear()
