@@ -17,6 +17,13 @@ from membench.trace import (TraceNotGeneral, covered, evaluate, load_or_record, 
 PROVENANCE = ("created_at", "wall_time_s", "git_sha", "git_dirty")
 # Sizes that are not multiples of 8 or 32, and B, S, T all different.
 POINTS = [(2, 5), (3, 33), (7, 77)]
+# LoRA ranks the points take in turn (one trace answers every rank: the symbol R), odd and not multiples of 8.
+RANKS = (3, 6, 5, 2)
+
+
+def rank(method: str, point: int) -> tuple[str, ...]:
+    """The ``method.rank`` override of the ``point``-th point of a grid (none for full fine-tuning)."""
+    return () if method.startswith("full") else (f"method.rank={RANKS[point % len(RANKS)]}",)
 
 
 def sized(model: str, method: str, batch: int, seq: int, *extra: str):
@@ -60,9 +67,9 @@ def test_trace_equals_direct_simulation(model, method, extra):
     points = POINTS
     if (model, method) == ("tiny-llama", "lora"):  # one full grid
         points = [(b, s) for b in (2, 3, 7) for s in (5, 33, 77)]
-    for batch, seq in points:
+    for point, (batch, seq) in enumerate(points):
         target = ("workload.target_len=9",) if model == "tiny-t5" and batch == 3 else ()
-        run = sized(model, method, batch, seq, *extra, *target)
+        run = sized(model, method, batch, seq, *extra, *target, *rank(method, point))
         assert covered(run) is None
         assert_same(evaluate(trace, run), measure(run))
 
@@ -82,17 +89,17 @@ def test_trace_covers_current_decoders(family, method, precision, tmp_path):
     path = tmp_path / f"{family}.json"
     path.write_text(json.dumps(values))
 
-    def run(batch: int, seq: int):
-        rank = [] if method == "full" else ["method.rank=2"]
+    def run(batch: int, seq: int, point: int = 3):
         return run_config("model=custom", f"model.config_path={path}", f"model.task={task}", f"method={method}",
                           "backend.name=simulate", f"train.precision={precision}", f"workload.batch_size={batch}",
-                          f"workload.seq_len={seq}", *rank)
+                          f"workload.seq_len={seq}", *rank(method, point))
 
     trace = record_trace(run(4, 16))
     assert trace.validity["S"] == (2, 1 << 20)
-    for batch, seq in [(2, 5), (3, 33), (7, 57)]:  # the tiny configs hold 64 positions
-        assert covered(run(batch, seq)) is None
-        assert_same(evaluate(trace, run(batch, seq)), measure(run(batch, seq)))
+    assert trace.validity["R"] == ((0, 1 << 20) if method == "full" else (2, 1 << 20))
+    for point, (batch, seq) in enumerate([(2, 5), (3, 33), (7, 57)]):  # the tiny configs hold 64 positions
+        assert covered(run(batch, seq, point)) is None
+        assert_same(evaluate(trace, run(batch, seq, point)), measure(run(batch, seq, point)))
 
 
 SPLIT = [("gemma3_text", "lora", "bf16"), ("bert", "lora_fa", "fp32"), ("deberta-v2", "lora", "fp32"),
@@ -111,14 +118,20 @@ def test_trace_covers_split_families(family, method, precision, tmp_path):
     path = tmp_path / f"{family}.json"
     path.write_text(json.dumps(values))
 
-    def run(batch: int, seq: int):
-        return run_config("model=custom", f"model.config_path={path}", f"model.task={task}", f"method={method}",
-                          "method.rank=2", "backend.name=simulate", f"train.precision={precision}",
-                          f"workload.batch_size={batch}", f"workload.seq_len={seq}")
+    # PEFT adapts the MoE experts' fused weights with r x experts rows: their traces hold for one rank.
+    moe = family in ("mixtral", "qwen3_moe")
 
-    for batch, seq in [(4, 16), (2, 5), (3, 33), (7, 57), (2, 64)]:
-        assert covered(run(batch, seq)) is None
-        assert_same(simulate_via_trace(run(batch, seq), cache_dir=str(tmp_path / "traces")), measure(run(batch, seq)))
+    def run(batch: int, seq: int, point: int):
+        return run_config("model=custom", f"model.config_path={path}", f"model.task={task}", f"method={method}",
+                          "backend.name=simulate", f"train.precision={precision}", f"workload.batch_size={batch}",
+                          f"workload.seq_len={seq}", "method.rank=2" if moe else rank(method, point)[0])
+
+    for point, (batch, seq) in enumerate([(4, 16), (2, 5), (3, 33), (7, 57), (2, 64)]):
+        assert covered(run(batch, seq, point)) is None
+        assert_same(simulate_via_trace(run(batch, seq, point), cache_dir=str(tmp_path / "traces")),
+                    measure(run(batch, seq, point)))
+    traces = [trace for path in (tmp_path / "traces").glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]
+    assert {trace.validity["R"] for trace in traces} == ({(2, 2)} if moe else {(2, 1 << 20)})
 
 
 def test_trace_is_general_whatever_the_hints():
@@ -145,6 +158,8 @@ def test_size_one_and_other_backends_go_direct(capsys, tmp_path):
 def test_cache_key_changes_with_everything_but_the_sizes():
     base = sized("tiny-t5", "lora", 2, 16)
     same = [sized("tiny-t5", "lora", 7, 77), sized("tiny-t5", "lora", 3, 5, "workload.target_len=9"),
+            # the rank is the symbol R; alpha only sets the scale alpha / rank
+            sized("tiny-t5", "lora", 2, 16, "method.rank=4"), sized("tiny-t5", "lora", 2, 16, "method.alpha=3"),
             sized("tiny-t5", "lora", 2, 16, "results_dir=elsewhere", "force=true", "backend.trace=off"),
             # cards with the H100's cuBLAS workspaces (compute capability 9.x and newer), allocator settings
             sized("tiny-t5", "lora", 2, 16, "backend.device=h200-141gb"),
@@ -152,7 +167,7 @@ def test_cache_key_changes_with_everything_but_the_sizes():
             sized("tiny-t5", "lora", 2, 16, "backend.device=custom", "backend.device_memory_gib=12",
                   "backend.compute_capability=9.0")]
     assert {trace_key(run) for run in same} == {trace_key(base)}
-    changed = ["model=tiny-llama", "method=full", "method.rank=4", "method.lora_dropout=0.1",
+    changed = ["model=tiny-llama", "method=full", "method=lora_fa", "method.lora_dropout=0.1",
                "method.gradient_checkpointing=true", "train.precision=bf16", "train.optimizer_impl=fused",
                "model.attn_implementation=eager", "backend.device=a100-40gb", "workload.seed=1",
                "workload.warmup_steps=0", "model.hf_config.d_ff=96", "backend.cuda_semantics=false"]
@@ -320,8 +335,8 @@ QUANTIZED = [("tiny-llama", "qlora", ("train.precision=bf16",), [(3, 33), (16, 1
 
 @pytest.mark.parametrize(("model", "method", "extra", "points"), QUANTIZED, ids=[q[1] for q in QUANTIZED])
 def test_trace_covers_dora_and_4bit(model, method, extra, points, tmp_path):
-    for batch, seq in points:
-        run = sized(model, method, batch, seq, *extra)
+    for point, (batch, seq) in enumerate(points):
+        run = sized(model, method, batch, seq, *extra, *rank(method, point))
         assert covered(run) is None
         assert_same(simulate_via_trace(run, cache_dir=str(tmp_path)), measure(run))
     traces = [trace for path in tmp_path.glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]

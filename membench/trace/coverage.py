@@ -1,7 +1,7 @@
 """Which runs a trace answers exactly, in one place; every other run is simulated directly.
 
-Covered means tested (tests/test_trace.py: a grid of batch sizes and sequence lengths evaluated
-from one trace equals direct simulation byte for byte). A structure outside these sets may well
+Covered means tested (tests/test_trace.py: a grid of batch sizes, sequence lengths and LoRA ranks
+evaluated from one trace equals direct simulation byte for byte). A structure outside these sets may well
 trace correctly, but nothing has checked it, so it falls back with a one-line reason.
 """
 
@@ -22,7 +22,7 @@ FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "
             # grouped_mm experts take every token x top-k: sizes do not depend on the routing)
             "gemma3_text": "causal_lm", "bert": "sequence_classification", "deberta-v2": "sequence_classification",
             "mixtral": "causal_lm", "qwen3_moe": "causal_lm"}
-METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing, any rank/dropout
+METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing, any rank (the symbol R)
 #: Also DoRA (method.dora) on every family. bitsandbytes 4-bit base weights (QLoRA, QDoRA) on causal LMs:
 #: the fused 4-bit kernel's row limit splits their traces at B*S = 1536 (tests/test_trace.py::test_trace_covers_dora_and_4bit).
 QUANTIZATION = ("none", "nf4", "fp4")

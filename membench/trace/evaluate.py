@@ -1,4 +1,4 @@
-"""From a trace to a Result: evaluate every size at concrete (B, S, T), round, replay, assemble.
+"""From a trace to a Result: evaluate every size at concrete (B, S, T, R), round, replay, assemble.
 
 The replay is :func:`membench.events.replay` vectorised: each allocation's size is rounded as the
 allocator rounds it (:func:`membench.allocator.allocator_bytes`, 512 B), each free subtracts the
@@ -40,7 +40,7 @@ class _Named:
         self.overloadpacket = name
 
 
-def _rounded_sizes(trace: Trace, dims: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _rounded_sizes(trace: Trace, dims: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(every expression's exact value, every event's signed allocator delta)."""
     values = trace.polynomials.evaluate(dims)
     allocs = trace.kinds == KIND_ALLOC
@@ -55,9 +55,9 @@ def _rounded_sizes(trace: Trace, dims: tuple[int, int, int]) -> tuple[np.ndarray
     return values, delta
 
 
-def evaluate_metrics(trace: Trace, batch: int, seq: int, target: int) -> Metrics:
-    """The allocated-memory metrics a direct simulation of this workload records (reserved figures not filled)."""
-    values, delta = _rounded_sizes(trace, (batch, seq, target))
+def evaluate_metrics(trace: Trace, dims: tuple[int, int, int, int]) -> Metrics:
+    """The allocated-memory metrics a direct simulation at ``dims`` (B, S, T, R) records (reserved figures not filled)."""
+    values, delta = _rounded_sizes(trace, dims)
     allocated = np.cumsum(delta)
 
     def allocated_before(index: int) -> int:
@@ -71,6 +71,8 @@ def evaluate_metrics(trace: Trace, batch: int, seq: int, target: int) -> Metrics
         if label.startswith("measured"):
             phase_peaks[phase] = max(phase_peaks.get(phase, 0), int(peak))
     metrics = Metrics(**{name: value for name, value in trace.metrics.items()})
+    for name, index in trace.metric_sizes.items():
+        setattr(metrics, name, int(values[index]))
     for name, (start, end) in trace.spans.items():
         setattr(metrics, name, allocated_before(end) - allocated_before(start))
     metrics.phase_peak_bytes = phase_peaks
@@ -127,7 +129,7 @@ def evaluate(trace: Trace, run: RunConfig) -> Result:
     backend = create_backend(run.backend)
     config = recorded_config(run, backend.name)
     the_run_id = run_id(config, backend_label(run, backend.name), schema=run)
-    metrics = evaluate_metrics(trace, *workload_dims(run))
+    metrics = evaluate_metrics(trace, workload_dims(run))
     predicted = backend.predicted_oom(metrics.phase_peak_bytes)
     reserved_env: dict = {}
     account = _reserved_account()

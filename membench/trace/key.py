@@ -15,9 +15,13 @@ from membench.devices import device_profile
 from membench.identity import recorded_config
 
 #: Bump when the layout of :class:`membench.trace.record.Trace` or what it means changes.
-TRACE_FORMAT_VERSION = 3  # 2: Trace.classes (residue classes); 3: Trace.conditions
+TRACE_FORMAT_VERSION = 4  # 2: Trace.classes (residue classes); 3: Trace.conditions; 4: the LoRA rank R
 #: Workload fields a trace keeps symbolic (B, S, T).
 SYMBOLIC_FIELDS = ("batch_size", "seq_len", "target_len")
+#: Method fields out of the key: the rank is the symbol R (a trace whose adapters could not be made R
+#: wide holds for its own rank only: :attr:`membench.trace.record.Trace.validity`), and alpha sets
+#: only the scale ``alpha / rank``, a value PEFT's forward multiplies by whatever it is.
+RANK_FIELDS = ("rank", "alpha")
 #: Backend knobs that say how a result is computed, not what it is.
 HOW_NOT_WHAT = ("trace",)
 #: Backend knobs a simulated step's allocation log does not depend on, except through the cuBLAS
@@ -50,13 +54,15 @@ def fake_device(run: RunConfig) -> str:
 
 
 def key_fields(run: RunConfig) -> dict:
-    """What the key hashes: the recorded simulate config without B, S, T, plus versions and the fake device."""
+    """What the key hashes: the recorded simulate config without B, S, T, rank and alpha, plus versions and the fake device."""
     import peft
     import transformers
 
     config = recorded_config(run, "simulate")
     for name in SYMBOLIC_FIELDS:
         config["workload"].pop(name, None)
+    for name in RANK_FIELDS:
+        config["method"].pop(name, None)
     for name in HOW_NOT_WHAT + DEVICE_FIELDS:
         config["backend"].pop(name, None)
     fields = {"config": config, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -68,7 +74,7 @@ def key_fields(run: RunConfig) -> dict:
 
 
 def trace_key(run: RunConfig) -> str:
-    """``<model>--<method>--<precision>--<digest>``: equal for runs that differ only in B, S and T."""
+    """``<model>--<method>--<precision>--<digest>``: equal for runs that differ only in B, S, T and the LoRA rank (and alpha)."""
     canonical = json.dumps(key_fields(run), sort_keys=True, separators=(",", ":"), default=str)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:20]
     return "--".join([run.model.name, run.method.name, run.train.precision, digest])

@@ -1,4 +1,4 @@
-"""A recorded symbolic trace: the allocation log of one step with sizes as polynomials in (B, S, T).
+"""A recorded symbolic trace: the allocation log of one step with sizes as polynomials in (B, S, T, R).
 
 :func:`record_trace` runs the step once on a :class:`membench.trace.symbolic.SymbolicBackend`
 and stores what :func:`membench.trace.evaluate.evaluate` needs to rebuild the Result of any
@@ -34,7 +34,7 @@ from membench.step import Progress
 from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
 from membench.trace.polynomial import Polynomials
 from membench.trace.symbolic import (DIMS, At, Span, SymbolicBackend, SymbolicSavedCounter, TraceNotGeneral, expression,
-                                     size_symbol)
+                                     hint, size_symbol)
 
 #: Event kinds as stored in :attr:`Trace.kinds`.
 KIND_ALLOC, KIND_FREE, KIND_PHASE = 0, 1, 2
@@ -42,24 +42,26 @@ KIND_ALLOC, KIND_FREE, KIND_PHASE = 0, 1, 2
 RESERVED_FIGURES = ("peak_reserved_bytes", "reserved_segments", "fragmentation_bytes", "num_alloc_retries")
 
 
-def workload_dims(run: RunConfig) -> tuple[int, int, int]:
-    """(B, S, T) of ``run``: T is the decoder length of a seq2seq model, else S."""
+def workload_dims(run: RunConfig) -> tuple[int, int, int, int]:
+    """(B, S, T, R) of ``run``: T is the decoder length of a seq2seq model, else S; R the LoRA rank, 0 without adapters."""
     workload = run.workload
     target = (workload.target_len or workload.seq_len) if run.model.task == "seq2seq_lm" else workload.seq_len
-    return workload.batch_size, workload.seq_len, target
+    rank = run.method.rank if run.method.uses_adapters else 0
+    return workload.batch_size, workload.seq_len, target, rank
 
 
 @dataclass
 class Trace:
-    """One step's allocation log, symbolic in the workload's sizes.
+    """One step's allocation log, symbolic in the workload's sizes and the LoRA rank.
 
     Attributes:
         key: :func:`membench.trace.key.trace_key` of the run it was recorded from.
-        hints: (B, S, T) of that run.
-        validity: {"B"|"S"|"T": (lowest, highest)} the trace answers exactly.
-        classes: {"B"|"S"|"T": (modulus, residues)}: a size a periodic guard split by residue class
+        hints: (B, S, T, R) of that run.
+        validity: {"B"|"S"|"T"|"R": (lowest, highest)} the trace answers exactly (R is one rank where
+            the adapters could not be made R wide, any rank without adapters).
+        classes: {"B"|"S"|"T"|"R": (modulus, residues)}: a size a periodic guard split by residue class
             (e.g. S % 32 == 0 where CUDA pads to 32) must lie in one of those classes.
-        conditions: Polynomial inequalities in B, S, T (sympy, :func:`membench.trace.symbolic.size_symbol`)
+        conditions: Polynomial inequalities in B, S, T, R (sympy, :func:`membench.trace.symbolic.size_symbol`)
             a workload must meet: the step's path depended on them (``B*S <= 1536``).
         polynomials: Every distinct size expression (:class:`membench.trace.polynomial.Polynomials`).
         kinds: Per event, KIND_ALLOC / KIND_FREE / KIND_PHASE.
@@ -71,13 +73,15 @@ class Trace:
         allocated_at: {phase_allocated_bytes key: number of events before it was read}, in order.
         spans: {metric: (start, end)}: metrics that are allocated(end) - allocated(start).
         saved: The saved storages of the measured forward: (size index, module path, op name).
-        metrics: The workload-independent metrics (parameters, weights, gradients, ...).
+        metrics: The metrics that do not depend on the sizes (parameter counts without adapters, ...).
+        metric_sizes: {metric: index in ``polynomials``} of those that do (with R: parameters,
+            weights, gradients).
         env: The workload-independent env pieces of the result (backend, plan, warm-up).
         record_s: Seconds the recording took.
     """
 
     key: str
-    hints: tuple[int, int, int]
+    hints: tuple[int, int, int, int]
     validity: dict[str, tuple[int, int]]
     classes: dict[str, tuple[int, tuple[int, ...]]]
     conditions: tuple
@@ -92,6 +96,7 @@ class Trace:
     saved: list[tuple[int, str, str]]
     metrics: dict[str, Any]
     env: dict[str, Any]
+    metric_sizes: dict[str, int] = field(default_factory=dict)
     record_s: float = 0.0
     format_version: int = TRACE_FORMAT_VERSION
 
@@ -145,7 +150,7 @@ def _label(func) -> Optional[str]:
 
 
 def record_trace(run: RunConfig) -> Trace:
-    """Simulate one step of ``run`` with B, S (and T) symbolic, and keep its allocation log as a :class:`Trace`.
+    """Simulate one step of ``run`` with B, S, T and R symbolic, and keep its allocation log as a :class:`Trace`.
 
     Raises:
         TraceNotGeneral: the step depends on the sizes beyond single-symbol bounds, the symbolic
@@ -157,7 +162,7 @@ def record_trace(run: RunConfig) -> Trace:
     hints = workload_dims(run)
     config = run.backend
     backend = SymbolicBackend(device_profile(config), config.cuda_semantics, config.fake_device, hints,
-                              seq2seq=run.model.task == "seq2seq_lm")
+                              seq2seq=run.model.task == "seq2seq_lm", adapters=run.method.uses_adapters)
     events = backend.tracker.record()
     counters: list[SymbolicSavedCounter] = []
     progress = Progress()
@@ -208,6 +213,7 @@ def record_trace(run: RunConfig) -> Trace:
         allocated_at[name] = value.index
     spans = {}
     constant = {}
+    metric_sizes = {}
     for name in (item.name for item in dataclasses.fields(metrics)):
         if name in ("phase_allocated_bytes", "phase_peak_bytes", "peak_allocated_bytes", "saved_tensor_bytes") \
                 or name.startswith("saved_"):
@@ -215,6 +221,9 @@ def record_trace(run: RunConfig) -> Trace:
         attribute = getattr(metrics, name)
         if isinstance(attribute, Span):
             spans[name] = (attribute.start, attribute.end)
+        elif isinstance(attribute, torch.SymInt):  # a sum of parameter sizes, with R
+            metric_sizes[name] = polynomials.add(expression(attribute).xreplace(rename))
+            setattr(metrics, name, hint(attribute))  # for the self-check (a deep copy of a SymInt copies its shape env)
         elif _symbolic(attribute):  # e.g. ctx_kept_bytes_by_function under bitsandbytes' 8-bit matmul
             raise TraceNotGeneral(f"metric {name} depends on the workload's sizes outside the allocation log, "
                                   "which a trace does not evaluate")
@@ -229,7 +238,7 @@ def record_trace(run: RunConfig) -> Trace:
     trace = Trace(key=trace_key(run), hints=hints, validity=validity, classes=classes, conditions=conditions,
                   polynomials=polynomials.freeze(),
                   kinds=kinds, sizes=sizes, frees=frees, ops=ops, phases=phases, allocated_at=allocated_at,
-                  spans=spans, saved=saved, metrics=constant, env=env)
+                  spans=spans, saved=saved, metrics=constant, env=env, metric_sizes=metric_sizes)
     trace.record_s = round(time.perf_counter() - started, 3)
     _check_against_hints(trace, run, metrics)
     return trace
@@ -248,7 +257,7 @@ def _check_against_hints(trace: Trace, run: RunConfig, recorded) -> None:
     """The trace evaluated at its own hints must give the metrics the symbolic step counted on them."""
     from membench.trace.evaluate import evaluate_metrics
 
-    mine = dataclasses.asdict(evaluate_metrics(trace, *trace.hints))
+    mine = dataclasses.asdict(evaluate_metrics(trace, trace.hints))
     theirs = {name: value for name, value in dataclasses.asdict(recorded).items()
               if name not in RESERVED_FIGURES}
     theirs = {name: (int(value) if isinstance(value, int) and not isinstance(value, bool) else value)

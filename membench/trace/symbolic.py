@@ -1,8 +1,9 @@
-"""Recording one simulated step with the batch size and sequence lengths symbolic.
+"""Recording one simulated step with the batch size, sequence lengths and LoRA rank symbolic.
 
 The step is membench's own (:func:`membench.runner._measure` on a :class:`SymbolicBackend`):
 the same model, method, optimizer and measured loop as ``simulate``, on fake tensors whose
-batch dimensions are ``SymInt``s of a ``ShapeEnv``. Every storage's ``nbytes()`` is then a
+batch dimensions are ``SymInt``s of a ``ShapeEnv``, and whose LoRA matrices are ``R x in`` and
+``out x R`` for a fourth symbol R (:func:`symbolic_rank`). Every storage's ``nbytes()`` is then a
 sympy expression in the symbols. Pitfalls this module avoids (see the project's trace notes):
 
 * The Python dispatcher is on for the whole step (kept alive, one guard object), else
@@ -35,6 +36,8 @@ from torch.utils._sympy.value_ranges import bound_sympy
 from membench.allocator import allocator_bytes
 from membench.backends.simulate import SimulateBackend
 from membench.backends.tracker import AllocationTracker
+from torch import nn
+
 from membench.compat import FakeTensorMode, memoized_symbolic_arithmetic, when_storage_freed
 from membench.events import ALLOC
 from membench.saved_tensors import SavedTensorCounter
@@ -42,8 +45,8 @@ from membench.trace import periodic
 
 #: Upper bound declared for every symbolic dimension (batch size, sequence lengths).
 MAX_DIM = 1 << 20
-#: The symbols, in the order a trace stores them.
-DIMS = ("B", "S", "T")
+#: The symbols, in the order a trace stores them: batch size, sequence length, decoder length, LoRA rank.
+DIMS = ("B", "S", "T", "R")
 
 
 class TraceNotGeneral(Exception):
@@ -151,22 +154,32 @@ class SymbolicBackend(SimulateBackend):
     """``simulate`` with a shape environment: the batch's dimensions are symbols hinted by the run's sizes.
 
     Args:
-        hints: The concrete (B, S, T) of the recorded run; T is the decoder length (seq2seq) or S.
+        hints: The concrete (B, S, T, R) of the recorded run; T is the decoder length (seq2seq) or S,
+            R the LoRA rank (0 for full fine-tuning).
         seq2seq: Whether a second batch tensor's length is T (labels of a seq2seq model).
+        adapters: Whether the method trains LoRA adapters, whose matrices :meth:`build` makes R wide
+            where :func:`symbolic_rank` can; otherwise the trace holds for the recorded rank only.
+
+    Attributes:
+        rank_symbolic: Whether :meth:`build` made the adapters' rank the symbol R.
     """
 
-    def __init__(self, profile, cuda_semantics: bool, fake_device: str, hints: tuple[int, int, int],
-                 seq2seq: bool) -> None:
+    def __init__(self, profile, cuda_semantics: bool, fake_device: str, hints: tuple[int, int, int, int],
+                 seq2seq: bool, adapters: bool = False) -> None:
         super().__init__(profile, cuda_semantics, fake_device)
         self.tracker = SymbolicTracker(self.device.type)
-        # No duck sizing: B, S and T stay three symbols even when their hints are equal.
+        # No duck sizing: B, S, T and R stay four symbols even when their hints are equal.
         self.shape_env = ShapeEnv(duck_shape=False)
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=self.shape_env)
         self.seq2seq = seq2seq
+        self.adapters = adapters
+        self.rank = hints[3]
+        self.rank_symbolic = False
         self._batches = 0
+        # A rank below 2 would be specialised like any size 1: R then stands for 2 and stays unused.
         template = self.fake_mode.from_tensor(
-            torch.empty(hints, device="meta"), source=ConstantSource("workload"),
-            symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3))
+            torch.empty((*hints[:3], max(self.rank, 2)), device="meta"), source=ConstantSource("workload"),
+            symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * len(DIMS)))
         self.dims = tuple(template.shape)
         with self.fake_mode:
             for dim in self.dims:
@@ -175,8 +188,14 @@ class SymbolicBackend(SimulateBackend):
         if any(not isinstance(symbol, sympy.Symbol) for symbol in self.symbols.values()):
             raise TraceNotGeneral(f"batch dimensions {hints} were specialised, not made symbolic")
 
+    def build(self, factory, parallelize=None) -> nn.Module:
+        model = super().build(factory, parallelize)
+        if self.adapters and self.rank >= 2:
+            self.rank_symbolic = symbolic_rank(model, self.rank, self.dims[3], self.fake_mode)
+        return model
+
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        batch, seq, target = self.dims
+        batch, seq, target = self.dims[:3]
         length = target if self.seq2seq and self._batches > 0 else seq
         self._batches += 1
         wanted = (batch, length)[:tensor.dim()]
@@ -203,7 +222,7 @@ class SymbolicBackend(SimulateBackend):
             ``(ranges, classes, conditions)``: a box {name: (lowest, highest)}; {name: (modulus,
             residues)} for the sizes a periodic guard splits by residue class
             (:mod:`membench.trace.periodic`); and the polynomial inequalities in several sizes the
-            step's path depends on (:func:`polynomial_condition`), in symbols named B, S and T.
+            step's path depends on (:func:`polynomial_condition`), in symbols named B, S, T and R.
 
         Raises:
             TraceNotGeneral: a guard the step added is neither implied by bounds on single symbols,
@@ -215,6 +234,8 @@ class SymbolicBackend(SimulateBackend):
                 raise TraceNotGeneral(f"{name} was specialised to {self.shape_env.replacements[symbol]}")
             bound = self.shape_env.var_to_range[symbol]
             ranges[name] = (max(2, int(bound.lower)), min(MAX_DIM, int(bound.upper)))
+        if not self.rank_symbolic:  # R is unused: any rank (full fine-tuning has none), or the recorded one only
+            ranges["R"] = (self.rank, self.rank) if self.adapters else (0, MAX_DIM)
         var_ranges = {symbol: self.shape_env.var_to_range[symbol] for symbol in self.symbols.values()}
         names = {symbol: name for name, symbol in self.symbols.items()}
         rename = {symbol: size_symbol(name) for name, symbol in self.symbols.items()}
@@ -240,8 +261,46 @@ class SymbolicBackend(SimulateBackend):
         return ranges, classes, tuple(conditions)
 
 
+def symbolic_rank(model: nn.Module, rank: int, symbol: torch.SymInt, fake_mode) -> bool:
+    """Make every LoRA matrix of ``model`` ``symbol`` wide instead of ``rank``, in place; False if one cannot be.
+
+    PEFT builds each adapted layer's A as ``nn.Linear(in, r)`` (weight ``r x in``) and B as
+    ``nn.Linear(r, out)`` (weight ``out x r``), and reads ``r`` afterwards only to initialise the
+    weights and for the scale ``alpha / r``, a value the forward multiplies by whatever it is. So
+    once A and B are replaced by fake parameters ``R x in`` and ``out x R`` (same dtype, device and
+    ``requires_grad``), the step is the step of every rank, as far as its guards say.
+
+    Only when every adapter of every LoRA layer is a plain pair of that form (no embedding or
+    convolution adapter, no fused-expert ``ParamWrapper`` with ``r x experts`` rows, no second
+    rank) is anything replaced: one matrix left ``rank`` wide would tie the trace to that rank.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    replacements: list[tuple[nn.Linear, tuple]] = []
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        if any(len(getattr(layer, name, ())) for name in ("lora_embedding_A", "lora_embedding_B")):
+            return False
+        for adapter, adapter_rank in layer.r.items():
+            first, second = layer.lora_A[adapter], layer.lora_B[adapter]
+            if adapter_rank != rank or type(first) is not nn.Linear or type(second) is not nn.Linear:
+                return False
+            if first.weight.shape[0] != rank or second.weight.shape[1] != rank:
+                return False
+            replacements += [(first, (symbol, first.weight.shape[1])), (second, (second.weight.shape[0], symbol))]
+    if not replacements:
+        return False
+    with fake_mode:
+        for linear, shape in replacements:
+            old = linear.weight
+            linear.weight = nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                                         requires_grad=old.requires_grad)
+    return True
+
+
 def size_symbol(name: str) -> sympy.Symbol:
-    """The symbol a trace stores for size ``name`` (B, S or T) in its polynomials and conditions."""
+    """The symbol a trace stores for size ``name`` (B, S, T or R) in its polynomials and conditions."""
     return sympy.Symbol(name, integer=True, positive=True)
 
 
