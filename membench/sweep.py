@@ -48,12 +48,18 @@ def position(job_number: Optional[int]) -> str:
 
 
 def trace_keys(runs: list[RunConfig]) -> list[Optional[str]]:
-    """Each run's trace cache key, or None for a run no trace covers (:func:`membench.trace.covered`:
-    it is simulated directly, measured on a device, or has ``backend.trace=off``)."""
+    """Each run's trace group, or None for a run no trace covers (:func:`membench.trace.covered`:
+    it is simulated directly, measured on a device, or has ``backend.trace=off``).
+
+    The group is the trace cache key, with ``--rank1`` after it for LoRA rank 1: a trace cannot
+    leave a size 1 symbolic, so rank 1 gets a trace of its own, and one recorded at rank 1 answers
+    no other rank (a rank sweep from 1 would otherwise record that one first, then another).
+    """
     from membench.trace import covered
     from membench.trace.key import trace_key
 
-    return [trace_key(run) if covered(run) is None else None for run in runs]
+    return [None if covered(run) is not None else
+            trace_key(run) + ("--rank1" if run.method.uses_adapters and run.method.rank < 2 else "") for run in runs]
 
 
 #: Record a trace for a sweep only when at least this many of its jobs would evaluate it. Recording
