@@ -63,12 +63,12 @@ def trace_keys(runs: list[RunConfig]) -> list[Optional[str]]:
 
 
 #: Record a trace for a sweep only when at least this many of its jobs would evaluate it. Recording
-#: one symbolic step (B, S, T and the LoRA rank symbolic) costs 3.5-4.1 direct simulations of the
-#: same run (LLaMA-7B LoRA r64 bf16 b4 s512: 13.3 s against 3.75 s; T5-large LoRA b8 s256: 21.7 s
-#: against 5.96 s; RoBERTa-base LoRA b16 s128: 4.1 s against 1.0 s; one quiet core, model built
-#: each time), and evaluating a trace costs about a tenth of one: with 4 jobs or fewer, simulating
-#: each directly is as cheap or cheaper. A trace already in the cache is always used.
-MIN_JOBS_PER_TRACE = 5
+#: one symbolic step (B, S, T and the LoRA rank symbolic) costs 3.0-3.5 direct simulations of the
+#: same run (LLaMA-7B LoRA r64 bf16 b4 s512: 11.4 s against 3.77 s; T5-large LoRA b8 s256: 18.7 s
+#: against 5.93 s; RoBERTa-base LoRA b16 s128: 3.5 s against 1.02 s; one quiet core, model built
+#: each time), and evaluating a trace costs a few hundredths of one (LLaMA-7B: 0.10-0.16 s): with
+#: 3 jobs or fewer, simulating each directly is cheaper. A trace already in the cache is always used.
+MIN_JOBS_PER_TRACE = 4
 
 
 def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None) -> set[int]:

@@ -622,12 +622,14 @@ def _arithmetic(a, b):
 def test_memoized_symbolic_arithmetic_builds_the_nodes_torch_builds_and_restores_torch():
     from torch.fx.experimental.sym_node import SymNode
 
-    before = {name: getattr(SymNode, name) for name in compat.symbolic_binary_operations()}
+    before = {name: getattr(SymNode, name) for name in [*compat.symbolic_binary_operations(), "maybe_as_int", "wrap_int"]}
     a, b, shape_env = _symbolic_sizes()
     plain = _arithmetic(a, b)
     with compat.memoized_symbolic_arithmetic(shape_env):
         first, again = _arithmetic(a, b), _arithmetic(a, b)
         assert all(x.node is y.node for x, y in zip(first, again))  # one node per distinct operation
+        assert a.node.wrap_int(7) is a.node.wrap_int(7) and a.node.wrap_int(7).expr == 7
+        assert [(a * 0).node.maybe_as_int(), (a * b).node.maybe_as_int(), (a * 0).node.maybe_as_int()] == [0, None, 0]
         c, d, other_env = _symbolic_sizes()  # another environment's operands go to torch
         assert (c * d).node is not (c * d).node
     assert {name: getattr(SymNode, name) for name in before} == before
@@ -637,11 +639,14 @@ def test_memoized_symbolic_arithmetic_builds_the_nodes_torch_builds_and_restores
                                                                       torchs.node.pytype)
 
 
-def test_memoized_symbolic_arithmetic_refuses_a_changed_operation(monkeypatch):
+@pytest.mark.parametrize(("attribute", "replacement", "fragment"),
+                         [("_mul", lambda self, other: None, "SymNode._mul built by binary_magic_impl"),
+                          ("expr", property(lambda self: self._expr), "SymNode.expr that returns self._expr"),
+                          ("wrap_int", None, "SymNode.wrap_int")], ids=["operation", "expr", "wrap_int"])
+def test_memoized_symbolic_arithmetic_refuses_a_changed_target(monkeypatch, attribute, replacement, fragment):
     from torch.fx.experimental.sym_node import SymNode
 
-    monkeypatch.setattr(SymNode, "_mul", lambda self, other: None)
-    with pytest.raises(CompatError, match=loud("torch", TORCH, "SymNode._mul", "binary_magic_impl",
-                                               need="memoize symbolic size arithmetic")):
+    monkeypatch.setattr(SymNode, attribute, replacement)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, fragment, need="memoize symbolic size arithmetic")):
         with compat.memoized_symbolic_arithmetic(None):
             pass

@@ -46,7 +46,12 @@ def _operation_attribute(name: str) -> str:
 
 
 def symbolic_binary_operations() -> dict[str, Callable]:
-    """SymNode's attribute -> torch's implementation, for :data:`MEMOIZED_OPERATIONS`; CompatError if one changed."""
+    """SymNode's attribute -> torch's implementation, for :data:`MEMOIZED_OPERATIONS`; CompatError if one changed.
+
+    Also checks what :func:`memoized_symbolic_arithmetic` reads without calling: ``SymNode.expr``
+    is ``self._expr`` until the shape environment's ``_replacements_version_counter`` moves, and
+    ``maybe_as_int`` and ``wrap_int`` exist.
+    """
     from torch.fx.experimental.sym_node import SymNode
 
     found = {}
@@ -57,6 +62,16 @@ def symbolic_binary_operations() -> dict[str, Callable]:
             raise incompatible("torch", f"has no SymNode.{attribute} built by binary_magic_impl",
                                "to memoize symbolic size arithmetic while recording a trace (membench.trace.symbolic)")
         found[attribute] = operation
+    try:
+        expr_source = inspect.getsource(SymNode.expr.fget)
+    except (AttributeError, TypeError, OSError):
+        expr_source = ""
+    if "_replacements_version_counter" not in expr_source or "return self._expr" not in expr_source:
+        raise incompatible("torch", "has no SymNode.expr that returns self._expr until the shape environment's "
+                           "_replacements_version_counter moves", "to memoize symbolic size arithmetic")
+    for name in ("maybe_as_int", "wrap_int"):
+        if not callable(getattr(SymNode, name, None)):
+            raise incompatible("torch", f"has no SymNode.{name}", "to memoize symbolic size arithmetic")
     return found
 
 
@@ -67,15 +82,19 @@ def memoized_symbolic_arithmetic(shape_env) -> Iterator[None]:
     Why: a symbolic step spends most of its time in size arithmetic that C++ calls back into Python
     for (every fake tensor's numel, strides, storage size and contiguity, as sympy expressions), and
     almost all of it repeats: recording RoBERTa-base's step makes about 168,000 such operations on
-    780 distinct operand pairs. torch builds a new node each time.
+    780 distinct operand pairs. torch builds a new node each time. The same goes for the int
+    constants C++ wraps into nodes (``wrap_int``) and for ``maybe_as_int``, asked of every size.
 
     What it keeps exact: the memo key is everything torch's ``binary_magic_impl`` reads from its
     operands (operation, current expressions, hints, Python types, the summation flag), so the node
     it returns is the node torch would build. Nothing in a node changes after it is made but its
     cached replacement of the expression, which depends on the shape environment, not on the node.
-    Operands of another shape environment, a proxy-tracing mode (``make_fx``), translation
-    validation (which gives each node an FX node of its own) and hints that are themselves
-    symbolic go to torch unmemoized.
+    A wrapped int is a node of that int alone; ``maybe_as_int`` is a function of the expression.
+    While the shape environment has replaced no symbol (its version counter at 0, as through a
+    recording that stays general), a node's current expression is its own ``_expr``, read without
+    the checks ``SymNode.expr`` makes; after a replacement, ``expr`` is asked. Operands of another
+    shape environment, a proxy-tracing mode (``make_fx``), translation validation (which gives
+    each node an FX node of its own) and hints that are themselves symbolic go to torch unmemoized.
     """
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
     from torch.fx.experimental.sym_node import SymNode
@@ -86,7 +105,11 @@ def memoized_symbolic_arithmetic(shape_env) -> Iterator[None]:
         yield
         return
     memo: dict[tuple, Any] = {}
+    as_int: dict[Any, Any] = {}
+    wrapped: dict[int, Any] = {}
     plain = (int, bool, float, type(None))
+    missing = object()
+    original_as_int, original_wrap_int = SymNode.maybe_as_int, SymNode.wrap_int
 
     def memoized(attribute: str, operation: Callable) -> Callable:
         @functools.wraps(operation)
@@ -94,7 +117,9 @@ def memoized_symbolic_arithmetic(shape_env) -> Iterator[None]:
             if (type(other) is not SymNode or self.shape_env is not shape_env or other.shape_env is not shape_env
                     or type(self._hint) not in plain or type(other._hint) not in plain or get_proxy_mode() is not None):
                 return operation(self, other)
-            key = (attribute, self.expr, other.expr, self.pytype, other.pytype, self._hint, other._hint,
+            unreplaced = shape_env._replacements_version_counter == 0
+            key = (attribute, self._expr if unreplaced else self.expr, other._expr if unreplaced else other.expr,
+                   self.pytype, other.pytype, self._hint, other._hint,
                    self._optimized_summation, other._optimized_summation)
             node = memo.get(key)
             if node is None:
@@ -102,11 +127,34 @@ def memoized_symbolic_arithmetic(shape_env) -> Iterator[None]:
             return node
         return apply
 
-    for attribute, operation in originals.items():
-        setattr(SymNode, attribute, memoized(attribute, operation))
+    @functools.wraps(original_as_int)
+    def maybe_as_int(self):
+        if self.shape_env is not shape_env or shape_env._replacements_version_counter != 0:
+            return original_as_int(self)
+        value = as_int.get(self._expr, missing)
+        if value is missing:
+            value = as_int[self._expr] = original_as_int(self)
+        return value
+
+    @functools.wraps(original_wrap_int)
+    def wrap_int(self, num):
+        if self.shape_env is not shape_env or type(num) is not int:
+            return original_wrap_int(self, num)
+        node = wrapped.get(num)
+        if node is None:
+            node = wrapped[num] = original_wrap_int(self, num)
+        return node
+
+    replaced = {**{attribute: memoized(attribute, operation) for attribute, operation in originals.items()},
+                "maybe_as_int": maybe_as_int, "wrap_int": wrap_int}
+    originals = {**originals, "maybe_as_int": original_as_int, "wrap_int": original_wrap_int}
+    for attribute, function in replaced.items():
+        setattr(SymNode, attribute, function)
     try:
         yield
     finally:
-        for attribute, operation in originals.items():
-            setattr(SymNode, attribute, operation)
+        for attribute, function in originals.items():
+            setattr(SymNode, attribute, function)
         memo.clear()
+        as_int.clear()
+        wrapped.clear()
