@@ -43,7 +43,7 @@ def assert_same(evaluated, direct) -> None:
     assert evaluated.run_id == direct.run_id
     assert evaluated.config == direct.config
     assert evaluated.status == direct.status
-    assert evaluated.env["trace"]["evaluated_from_trace"] is True
+    assert evaluated.env["trace"]["evaluated_from_trace"] is True and evaluated.env["trace"]["record_s"] > 0
     assert {k: v for k, v in evaluated.env.items() if k not in (*PROVENANCE, "trace")} == \
         {k: v for k, v in direct.env.items() if k not in PROVENANCE}
 

@@ -108,7 +108,8 @@ def evaluated_events(trace: Trace, run: RunConfig) -> list[tuple]:
 def evaluate(trace: Trace, run: RunConfig) -> Result:
     """The Result a direct simulation of ``run`` gives, from ``trace`` (same metrics, id, config, status).
 
-    ``env`` differs only in provenance (``created_at``, ``wall_time_s``) and in ``env["trace"]``.
+    ``env`` differs only in provenance (``created_at``, ``wall_time_s``) and in ``env["trace"]``: the
+    trace's key and the seconds its recording took (``record_s``).
 
     Raises:
         TraceNotGeneral: ``run`` is outside the trace's validity range or not of its key.
@@ -142,7 +143,8 @@ def evaluate(trace: Trace, run: RunConfig) -> Result:
            "identity_version": IDENTITY_VERSION, **trace.env["plan"],
            "warmup_steps_run": trace.env["warmup_steps_run"], "optimizer_primed": trace.env["optimizer_primed"],
            "wall_time_s": round(time.perf_counter() - started, 3),
-           "trace": {"key": trace.key, "evaluated_from_trace": True}}
+           # wall_time_s is this evaluation's; recording the trace took record_s, once, in whichever run met it first
+           "trace": {"key": trace.key, "evaluated_from_trace": True, "record_s": trace.record_s}}
     return Result(the_run_id, config, status, dataclasses.asdict(metrics), env)
 
 
