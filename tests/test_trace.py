@@ -50,12 +50,13 @@ def assert_same(evaluated, direct) -> None:
 
 CASES = [
     ("tiny-llama", "lora", ()),
-    ("tiny-llama", "full", ()),
+    ("tiny-llama", "full", ("train.precision=fp16",)),
     ("tiny-llama", "lora_fa_recompute", ("train.precision=bf16",)),
     ("tiny-llama", "full_recompute", ("model.attn_implementation=eager", "train.precision=bf16-autocast")),
     ("tiny-roberta", "full", ("model.attn_implementation=eager",)),
-    ("tiny-roberta", "lora_recompute", ("train.precision=bf16",)),
-    ("tiny-t5", "lora", ("model.attn_implementation=eager",)),
+    ("tiny-roberta", "lora_recompute", ("train.precision=fp16", "method.lora_dropout=0.1")),
+    ("tiny-roberta", "lora_fa", ("method.lora_dropout=0.05",)),
+    ("tiny-t5", "lora", ("model.attn_implementation=eager", "method.lora_dropout=0.1")),
     ("tiny-t5", "full_recompute", ("model.attn_implementation=eager", "train.precision=bf16")),
 ]
 

@@ -22,11 +22,11 @@ FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "
             # grouped_mm experts take every token x top-k: sizes do not depend on the routing)
             "gemma3_text": "causal_lm", "bert": "sequence_classification", "deberta-v2": "sequence_classification",
             "mixtral": "causal_lm", "qwen3_moe": "causal_lm"}
-METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing, any rank (the symbol R)
+METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing and adapter dropout, any rank (R)
 #: Also DoRA (method.dora) on every family. bitsandbytes 4-bit base weights (QLoRA, QDoRA) on causal LMs:
 #: the fused 4-bit kernel's row limit splits their traces at B*S = 1536 (tests/test_trace.py::test_trace_covers_dora_and_4bit).
 QUANTIZATION = ("none", "nf4", "fp4")
-PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # fp16: saved-tensor op attribution differed once (with dropout)
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
 ATTENTION = ("sdpa", "eager")
 OPTIMIZER_IMPLS = ("foreach", "fused", "for_loop")
 #: tests/test_optimizers.py::test_trace_covers_optimizers.
@@ -72,8 +72,6 @@ def covered(run: RunConfig) -> Optional[str]:
         return f"{model_type} with task {run.model.task} is not covered"
     if run.model.attn_implementation not in ATTENTION:
         return f"attention {run.model.attn_implementation!r} is not covered"
-    if run.method.uses_adapters and run.method.lora_dropout:
-        return "method.lora_dropout > 0 is not covered yet (saved-tensor op attribution differed from direct)"
     if model_type == "llama" and run.model.attn_implementation == "eager" and not run.method.gradient_checkpointing:
         return "LLaMA with eager attention is not covered (its symbolic matmul saves a clone the direct step does not)"
     if run.model.quantization not in QUANTIZATION:
