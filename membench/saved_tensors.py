@@ -94,6 +94,11 @@ class OpOrigins(TorchDispatchMode):
         return out
 
 
+def largest_first(bytes_by_name: dict[str, int]) -> dict[str, int]:
+    """``{name: bytes}`` ordered by bytes, largest first, then by name (the order results list them in)."""
+    return dict(sorted(bytes_by_name.items(), key=lambda item: (-item[1], item[0])))
+
+
 class SavedTensorCounter:
     """Sums the unique storages packed by autograd while active, in bytes, and attributes them
     (:meth:`forget_freed` then leaves out those that have died since).
@@ -225,7 +230,7 @@ class SavedTensorCounter:
                         seen.add(key)
                         name = type(node).__name__
                         kept[name] = kept.get(name, 0) + tensor.untyped_storage().nbytes()
-        return dict(sorted(kept.items(), key=lambda item: (-item[1], item[0])))
+        return largest_first(kept)
 
     @contextlib.contextmanager
     def counting(self, origin: Optional[OriginLookup] = None) -> Iterator["SavedTensorCounter"]:

@@ -350,11 +350,21 @@ def test_trace_covers_dora_and_4bit(model, method, extra, points, tmp_path):
         assert len(traces) == 1 and traces[0].conditions == ()
 
 
-def test_8bit_base_weights_go_direct():
-    run = sized("tiny-llama", "qlora", 3, 33, "train.precision=bf16", "model.quantization=int8")
-    assert "model.quantization=int8 is not covered" in covered(run)
-    with pytest.raises(TraceNotGeneral, match="ctx_kept_bytes_by_function depends on the workload's sizes"):
-        record_trace(run)  # were it covered: its 8-bit matmul keeps its input on ctx, outside the allocation log
+def test_trace_covers_8bit_base_weights_and_what_their_matmul_keeps_on_ctx(tmp_path):
+    """bitsandbytes' 8-bit matmul keeps its input as a ctx attribute, outside saved tensors: the trace
+    evaluates ctx_kept_bytes_by_function too (one polynomial per function), and answers every rank."""
+    import json
+
+    extra = ("train.precision=bf16", "model.quantization=int8")
+    for point, (batch, seq) in enumerate([(4, 16), (3, 33), (9, 200)]):
+        run = sized("tiny-llama", "qlora_fa_recompute", batch, seq, *extra, *rank("qlora", point))
+        assert covered(run) is None
+        evaluated, direct = simulate_via_trace(run, cache_dir=str(tmp_path)), measure(run)
+        assert_same(evaluated, direct)
+        assert direct.metrics["ctx_kept_bytes_by_function"]  # the 8-bit matmul's input, by function
+        assert json.dumps(evaluated.metrics) == json.dumps(direct.metrics)  # in the same order
+    traces = [trace for path in tmp_path.glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]
+    assert len(traces) == 1 and "ctx_kept_bytes_by_function" in traces[0].metric_sizes
 
 
 def test_polynomial_inequalities_become_conditions_and_nothing_else_does():

@@ -23,7 +23,7 @@ from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, 
 from membench.models import load_hf_config
 from membench.preflight import check_sequence_length
 from membench.results import Result, Status, provenance
-from membench.saved_tensors import SavedTensorCounter
+from membench.saved_tensors import SavedTensorCounter, largest_first
 from membench.step import Metrics
 from membench.trace.record import KIND_ALLOC, KIND_FREE, Trace, workload_dims
 from membench.trace.symbolic import TraceNotGeneral
@@ -72,7 +72,10 @@ def evaluate_metrics(trace: Trace, dims: tuple[int, int, int, int]) -> Metrics:
             phase_peaks[phase] = max(phase_peaks.get(phase, 0), int(peak))
     metrics = Metrics(**{name: value for name, value in trace.metrics.items()})
     for name, index in trace.metric_sizes.items():
-        setattr(metrics, name, int(values[index]))
+        if isinstance(index, dict):  # a {name: bytes} map (record.SIZE_MAPS), in the order a direct run lists it
+            setattr(metrics, name, largest_first({key: int(values[at]) for key, at in index.items()}))
+        else:
+            setattr(metrics, name, int(values[index]))
     for name, (start, end) in trace.spans.items():
         setattr(metrics, name, allocated_before(end) - allocated_before(start))
     metrics.phase_peak_bytes = phase_peaks

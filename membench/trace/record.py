@@ -38,6 +38,8 @@ from membench.trace.symbolic import (DIMS, At, Span, SymbolicBackend, SymbolicSa
 
 #: Event kinds as stored in :attr:`Trace.kinds`.
 KIND_ALLOC, KIND_FREE, KIND_PHASE = 0, 1, 2
+#: Metrics that are {name: bytes} maps a trace evaluates, each listed by :func:`membench.saved_tensors.largest_first`.
+SIZE_MAPS = ("ctx_kept_bytes_by_function",)
 #: Metrics the reserved-memory replay fills after the step (evaluate replays them from the evaluated log).
 RESERVED_FIGURES = ("peak_reserved_bytes", "reserved_segments", "fragmentation_bytes", "num_alloc_retries")
 
@@ -75,7 +77,7 @@ class Trace:
         saved: The saved storages of the measured forward: (size index, module path, op name).
         metrics: The metrics that do not depend on the sizes (parameter counts without adapters, ...).
         metric_sizes: {metric: index in ``polynomials``} of those that do (with R: parameters,
-            weights, gradients).
+            weights, gradients), or {metric: {name: index}} for the maps of :data:`SIZE_MAPS`.
         env: The workload-independent env pieces of the result (backend, plan, warm-up).
         record_s: Seconds the recording took.
     """
@@ -96,7 +98,7 @@ class Trace:
     saved: list[tuple[int, str, str]]
     metrics: dict[str, Any]
     env: dict[str, Any]
-    metric_sizes: dict[str, int] = field(default_factory=dict)
+    metric_sizes: dict[str, int | dict[str, int]] = field(default_factory=dict)
     record_s: float = 0.0
     format_version: int = TRACE_FORMAT_VERSION
 
@@ -224,7 +226,11 @@ def record_trace(run: RunConfig) -> Trace:
         elif isinstance(attribute, torch.SymInt):  # a sum of parameter sizes, with R
             metric_sizes[name] = polynomials.add(expression(attribute).xreplace(rename))
             setattr(metrics, name, hint(attribute))  # for the self-check (a deep copy of a SymInt copies its shape env)
-        elif _symbolic(attribute):  # e.g. ctx_kept_bytes_by_function under bitsandbytes' 8-bit matmul
+        elif name in SIZE_MAPS and _symbolic(attribute):  # {function: bytes} kept on ctx (bitsandbytes' 8-bit matmul)
+            metric_sizes[name] = {key: polynomials.add(expression(value).xreplace(rename))
+                                  for key, value in attribute.items()}
+            setattr(metrics, name, {key: hint(value) for key, value in attribute.items()})
+        elif _symbolic(attribute):
             raise TraceNotGeneral(f"metric {name} depends on the workload's sizes outside the allocation log, "
                                   "which a trace does not evaluate")
         else:
