@@ -71,9 +71,14 @@ def adapted_layers(model: nn.Module, targets: list[str], excludes: list[str]) ->
     return adapted
 
 
+def narrowest_layer(layers: list[AdaptedLayer]) -> AdaptedLayer:
+    """The adapted layer with the smallest smaller dimension: the one that bounds LoRA's rank."""
+    return min(layers, key=lambda layer: min(layer.in_features, layer.out_features))
+
+
 def check_rank(rank: int, layers: list[AdaptedLayer]) -> None:
     """LoRA's rank must be below each adapted layer's smaller dimension, or it is not low-rank."""
-    narrowest = min(layers, key=lambda layer: min(layer.in_features, layer.out_features))
+    narrowest = narrowest_layer(layers)
     limit = min(narrowest.in_features, narrowest.out_features)
     if rank >= limit:
         raise ConfigError(

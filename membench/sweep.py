@@ -48,18 +48,13 @@ def position(job_number: Optional[int]) -> str:
 
 
 def trace_keys(runs: list[RunConfig]) -> list[Optional[str]]:
-    """Each run's trace group, or None for a run no trace covers (:func:`membench.trace.covered`:
-    it is simulated directly, measured on a device, or has ``backend.trace=off``).
-
-    The group is the trace cache key, with ``--rank1`` after it for LoRA rank 1: a trace cannot
-    leave a size 1 symbolic, so rank 1 gets a trace of its own, and one recorded at rank 1 answers
-    no other rank (a rank sweep from 1 would otherwise record that one first, then another).
-    """
+    """Each run's trace group (:func:`membench.trace.coverage.trace_group`: the runs one trace answers),
+    or None for a run no trace covers (:func:`membench.trace.covered`: it is simulated directly,
+    measured on a device, or has ``backend.trace=off``)."""
     from membench.trace import covered
-    from membench.trace.key import trace_key
+    from membench.trace.coverage import trace_group
 
-    return [None if covered(run) is not None else
-            trace_key(run) + ("--rank1" if run.method.uses_adapters and run.method.rank < 2 else "") for run in runs]
+    return [trace_group(run) if covered(run) is None else None for run in runs]
 
 
 #: Record a trace for a sweep only when at least this many of its jobs would evaluate it. Recording
@@ -74,15 +69,15 @@ MIN_JOBS_PER_TRACE = 4
 def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None) -> set[int]:
     """Indices of the jobs to simulate directly (``backend.trace=off``; same bytes, same run id).
 
-    Those a trace covers, whose trace key has fewer than :data:`MIN_JOBS_PER_TRACE` jobs in the
+    Those a trace covers, whose trace group has fewer than :data:`MIN_JOBS_PER_TRACE` jobs in the
     sweep, and for which no cached trace answers.
     """
     from membench.trace.cache import cached_traces
 
     groups: dict[str, list[int]] = {}
-    for index, key in enumerate(trace_keys(runs)):
-        if key is not None:
-            groups.setdefault(key, []).append(index)
+    for index, group in enumerate(trace_keys(runs)):
+        if group is not None:
+            groups.setdefault(group, []).append(index)
     direct: set[int] = set()
     for indices in groups.values():
         if len(indices) >= MIN_JOBS_PER_TRACE:
@@ -95,20 +90,20 @@ def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None)
 def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
     """Job indices in launch order for parallel workers: ``[recorders, evaluators]``.
 
-    Jobs that one symbolic trace answers (:func:`membench.trace.covered`) share its cache key.
+    Jobs that one symbolic trace answers (:func:`membench.trace.covered`) share its trace group.
     Launched all at once, two workers would record the same trace side by side; so the first
-    wave holds one job per trace key and every job a trace does not cover, and the second wave
+    wave holds one job per trace group and every job a trace does not cover, and the second wave
     the jobs that then evaluate from the cached traces. Within a wave the sweep's order is kept.
     A result does not depend on the order (tests/test_sweep.py).
     """
     first: list[int] = []
     later: list[int] = []
-    keys: set[str] = set()
-    for index, key in enumerate(trace_keys(runs)):
-        if key is not None and key in keys:
+    groups: set[str] = set()
+    for index, group in enumerate(trace_keys(runs)):
+        if group is not None and group in groups:
             later.append(index)
         else:
             first.append(index)
-            if key is not None:
-                keys.add(key)
+            if group is not None:
+                groups.add(group)
     return [wave for wave in (first, later) if wave]

@@ -51,7 +51,7 @@ def assert_same(evaluated, direct) -> None:
 CASES = [
     ("tiny-llama", "lora", ()),
     ("tiny-llama", "full", ("train.precision=fp16",)),
-    ("tiny-llama", "lora_fa_recompute", ("train.precision=bf16",)),
+    ("tiny-llama", "lora_fa_recompute", ("train.precision=bf16", "method.lora_dropout=0.1")),
     ("tiny-llama", "full_recompute", ("model.attn_implementation=eager", "train.precision=bf16-autocast")),
     ("tiny-roberta", "full", ("model.attn_implementation=eager",)),
     ("tiny-roberta", "lora_recompute", ("train.precision=fp16", "method.lora_dropout=0.1")),
@@ -136,10 +136,51 @@ def test_trace_covers_split_families(family, method, precision, tmp_path):
 
 
 def test_trace_is_general_whatever_the_hints():
-    a = record_trace(sized("tiny-llama", "lora_fa", 2, 5))
-    b = record_trace(sized("tiny-llama", "lora_fa", 9, 40))
-    run = sized("tiny-llama", "lora_fa", 5, 21)
+    a = record_trace(sized("tiny-llama", "lora_fa", 2, 5, "method.rank=2"))
+    b = record_trace(sized("tiny-llama", "lora_fa", 9, 40, "method.rank=7"))
+    run = sized("tiny-llama", "lora_fa", 5, 21, "method.rank=4")
     assert evaluate(a, run).metrics == evaluate(b, run).metrics
+
+
+def test_a_rank_a_direct_run_refuses_is_refused_from_a_trace_too():
+    from membench.errors import ConfigError
+
+    trace = record_trace(sized("tiny-llama", "lora", 3, 33))
+    wide = sized("tiny-llama", "lora", 3, 33, "method.rank=500")
+    with pytest.raises(ConfigError) as direct:
+        measure(wide)
+    with pytest.raises(ConfigError) as evaluated:
+        evaluate(trace, wide)
+    assert str(evaluated.value) == str(direct.value) and "method.rank=500 is not below" in str(direct.value)
+
+
+def test_rank_one_gets_a_trace_of_its_own(tmp_path):
+    general = record_trace(sized("tiny-llama", "lora", 3, 33, "method.rank=4"))
+    one = sized("tiny-llama", "lora", 3, 33, "method.rank=1")
+    assert general.contains(one) == "R=1 is outside the trace's validity range [2, 1048576]"
+    assert_same(simulate_via_trace(one, cache_dir=str(tmp_path)), measure(one))
+    [own] = [trace for path in tmp_path.glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]
+    assert own.validity["R"] == (1, 1)
+
+
+def test_traces_of_one_key_recorded_side_by_side_are_all_kept(tmp_path, monkeypatch):
+    """Two workers of a sweep record traces of one key (here S % 32 == 0 and the rest) at once: the
+    one that writes last re-reads the file under a lock instead of overwriting what the other wrote."""
+    import membench.trace.cache as cache
+
+    aligned, other = sized("tiny-roberta", "lora", 2, 32), sized("tiny-roberta", "lora", 2, 33)
+    record = cache.record_trace
+
+    def record_while_another_worker_writes(run):
+        trace = record(run)
+        if run is other:
+            load_or_record(aligned, str(tmp_path))  # the other worker finishes first
+        return trace
+
+    monkeypatch.setattr(cache, "record_trace", record_while_another_worker_writes)
+    load_or_record(other, str(tmp_path))
+    [path] = tmp_path.glob("*.trace.pickle")
+    assert sorted(trace.hints[1] for trace in pickle.loads(path.read_bytes())) == [32, 33]
 
 
 def test_size_one_and_other_backends_go_direct(capsys, tmp_path):

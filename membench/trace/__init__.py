@@ -1,8 +1,8 @@
-"""One trace, every workload: a symbolic allocation log answers any batch size and sequence length exactly.
+"""One trace, every workload: a symbolic allocation log answers any batch size, sequence length and LoRA rank exactly.
 
 A simulated step's allocation log (:mod:`membench.events`) has the same events for every batch
-size B >= 2 and sequence length S >= 2 (and T5's decoder length T), with sizes that are
-polynomials in them. :func:`record_trace` records it once with B, S, T symbolic;
+size B >= 2, sequence length S >= 2 (and T5's decoder length T) and LoRA rank R >= 2, with sizes
+that are polynomials in them. :func:`record_trace` records it once with B, S, T, R symbolic;
 :func:`evaluate` evaluates every size for a concrete workload, rounds as the allocator does,
 replays, and gives the Result a direct simulation gives, byte for byte in its metrics.
 

@@ -2,17 +2,19 @@
 
 A cache file holds every trace recorded under one key (usually one; more when a guard gave the
 first a validity range that a later workload lies outside). Files are pickles written atomically
-(:func:`membench.files.write_atomic`); a file that cannot be read is reported on stderr and
-recorded again, never fatal.
+(:func:`membench.files.write_atomic`) under a lock, re-read first, so workers of a sweep that record
+traces of one key side by side keep each other's; a file that cannot be read is reported on stderr
+and recorded again, never fatal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from membench.config import RunConfig
 from membench.files import write_atomic
@@ -20,7 +22,8 @@ from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
 from membench.trace.record import Trace, record_trace
 from membench.trace.symbolic import TraceNotGeneral
 
-#: Keys whose recording found no general trace in this process, and why.
+#: Trace groups (:func:`membench.trace.coverage.trace_group`) whose recording found no general trace
+#: in this process, and why.
 _not_general: dict[str, str] = {}
 #: Environment variable naming the cache folder.
 CACHE_ENV = "MEMBENCH_TRACE_CACHE"
@@ -69,22 +72,41 @@ def load_or_record(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Tr
     Raises:
         TraceNotGeneral: recording found that no trace answers ``run`` (see :func:`record_trace`).
     """
+    from membench.trace.coverage import trace_group
+
     key = trace_key(run)
     path = cache_path(run, cache_dir)
-    traces = _read(path, key)
-    for trace in traces:
+    for trace in _read(path, key):
         if trace.contains(run) is None:
             return trace
-    if key in _not_general:
-        raise TraceNotGeneral(_not_general[key])
+    group = trace_group(run)
+    if group in _not_general:
+        raise TraceNotGeneral(_not_general[group])
     try:
         trace = record_trace(run)
     except TraceNotGeneral as error:
-        _not_general[key] = str(error)  # not again in this process (a sweep would pay for it per point)
+        _not_general[group] = str(error)  # not again in this process (a sweep would pay for it per point)
         raise
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, pickle.dumps([*traces, trace], protocol=pickle.HIGHEST_PROTOCOL))
+        with _locked(path):  # another process may have added a trace of this key (another size range) meanwhile
+            write_atomic(path, pickle.dumps([*_read(path, key), trace], protocol=pickle.HIGHEST_PROTOCOL))
     except OSError as error:
         print(f"membench: could not cache the trace in {path} ({error}); using it uncached", file=sys.stderr)
     return trace
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache folder of ``path`` (POSIX ``flock``; no lock where there is none)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a sweep's workers may then drop each other's traces (re-recorded later)
+        yield
+        return
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # releases the lock

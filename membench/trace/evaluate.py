@@ -21,7 +21,7 @@ from membench.config import RunConfig
 from membench.events import ALLOC, FREE, PHASE
 from membench.identity import IDENTITY_VERSION, backend_label, recorded_config, run_id
 from membench.models import load_hf_config
-from membench.preflight import check_sequence_length
+from membench.preflight import check_rank, check_sequence_length
 from membench.results import Result, Status, provenance
 from membench.saved_tensors import SavedTensorCounter, largest_first
 from membench.step import Metrics
@@ -116,7 +116,8 @@ def evaluate(trace: Trace, run: RunConfig) -> Result:
 
     Raises:
         TraceNotGeneral: ``run`` is outside the trace's validity range or not of its key.
-        ConfigError: ``run`` is invalid (a sequence longer than the model's positions).
+        ConfigError: ``run`` is invalid (a sequence longer than the model's positions, a rank not
+            below an adapted layer's smaller dimension).
     """
     from membench.trace.key import trace_key
 
@@ -130,6 +131,8 @@ def evaluate(trace: Trace, run: RunConfig) -> Result:
     if trace.metrics.get("peak_reserved_bytes") is not None:
         raise TraceNotGeneral("the trace's backend reports reserved memory, which traces do not evaluate")
     check_sequence_length(run, load_hf_config(run.model))  # what plan() rejects before a direct run
+    if run.method.uses_adapters and trace.narrowest is not None:
+        check_rank(run.method.rank, [trace.narrowest])  # likewise: the rank is not in the trace's key
     backend = create_backend(run.backend)
     config = recorded_config(run, backend.name)
     the_run_id = run_id(config, backend_label(run, backend.name), schema=run)

@@ -1,6 +1,6 @@
 """Size expressions in the workload's symbols, evaluated for many events at once.
 
-Almost every size is a polynomial with integer coefficients in (B, S, T): those become rows of
+Almost every size is a polynomial with integer coefficients in (B, S, T, R): those become rows of
 an integer coefficient matrix over a shared monomial basis, so evaluating all of them for one
 workload is one integer matrix-vector product (exact in int64 far beyond any GPU's memory).
 Anything else (``FloorDiv``, ``CeilToInt`` from padded kernels, rational coefficients) is kept

@@ -28,6 +28,7 @@ from membench.config import RunConfig
 from membench.devices import device_profile
 from membench.events import ALLOC, FREE, PHASE, WORKSPACE
 from membench.plan import plan
+from membench.preflight import AdaptedLayer, narrowest_layer
 from membench.runner import _measure, warmup
 from membench.saved_tensors import op_name
 from membench.step import Progress
@@ -78,6 +79,8 @@ class Trace:
         metrics: The metrics that do not depend on the sizes (parameter counts without adapters, ...).
         metric_sizes: {metric: index in ``polynomials``} of those that do (with R: parameters,
             weights, gradients), or {metric: {name: index}} for the maps of :data:`SIZE_MAPS`.
+        narrowest: The adapted layer that bounds the rank (:func:`membench.preflight.check_rank`,
+            which a workload's rank must pass as in a direct run), or None without adapters.
         env: The workload-independent env pieces of the result (backend, plan, warm-up).
         record_s: Seconds the recording took.
     """
@@ -99,6 +102,7 @@ class Trace:
     metrics: dict[str, Any]
     env: dict[str, Any]
     metric_sizes: dict[str, int | dict[str, int]] = field(default_factory=dict)
+    narrowest: Optional[AdaptedLayer] = None
     record_s: float = 0.0
     format_version: int = TRACE_FORMAT_VERSION
 
@@ -244,7 +248,8 @@ def record_trace(run: RunConfig) -> Trace:
     trace = Trace(key=trace_key(run), hints=hints, validity=validity, classes=classes, conditions=conditions,
                   polynomials=polynomials.freeze(),
                   kinds=kinds, sizes=sizes, frees=frees, ops=ops, phases=phases, allocated_at=allocated_at,
-                  spans=spans, saved=saved, metrics=constant, env=env, metric_sizes=metric_sizes)
+                  spans=spans, saved=saved, metrics=constant, env=env, metric_sizes=metric_sizes,
+                  narrowest=narrowest_layer(the_plan.adapted) if the_plan.adapted else None)
     trace.record_s = round(time.perf_counter() - started, 3)
     _check_against_hints(trace, run, metrics)
     return trace

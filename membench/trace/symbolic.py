@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import sympy
 import torch
+from torch import nn
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.utils._sympy.value_ranges import bound_sympy
@@ -36,15 +37,16 @@ from torch.utils._sympy.value_ranges import bound_sympy
 from membench.allocator import allocator_bytes
 from membench.backends.simulate import SimulateBackend
 from membench.backends.tracker import AllocationTracker
-from torch import nn
-
 from membench.compat import FakeTensorMode, memoized_symbolic_arithmetic, when_storage_freed
 from membench.events import ALLOC
 from membench.saved_tensors import SavedTensorCounter
 from membench.trace import periodic
 
-#: Upper bound declared for every symbolic dimension (batch size, sequence lengths).
+#: Upper bound declared for every symbolic size (batch size, sequence lengths, LoRA rank).
 MAX_DIM = 1 << 20
+#: The smallest size a symbol can stand for: torch specialises sizes 0 and 1, so a run with one is
+#: simulated directly (B, S, T) or gets a trace of its own rank (R).
+MIN_SYMBOLIC = 2
 #: The symbols, in the order a trace stores them: batch size, sequence length, decoder length, LoRA rank.
 DIMS = ("B", "S", "T", "R")
 
@@ -176,9 +178,9 @@ class SymbolicBackend(SimulateBackend):
         self.rank = hints[3]
         self.rank_symbolic = False
         self._batches = 0
-        # A rank below 2 would be specialised like any size 1: R then stands for 2 and stays unused.
+        # A rank below MIN_SYMBOLIC would be specialised like any size 1: R then stands for it and stays unused.
         template = self.fake_mode.from_tensor(
-            torch.empty((*hints[:3], max(self.rank, 2)), device="meta"), source=ConstantSource("workload"),
+            torch.empty((*hints[:3], max(self.rank, MIN_SYMBOLIC)), device="meta"), source=ConstantSource("workload"),
             symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * len(DIMS)))
         self.dims = tuple(template.shape)
         with self.fake_mode:
@@ -190,7 +192,7 @@ class SymbolicBackend(SimulateBackend):
 
     def build(self, factory, parallelize=None) -> nn.Module:
         model = super().build(factory, parallelize)
-        if self.adapters and self.rank >= 2:
+        if self.adapters and self.rank >= MIN_SYMBOLIC:
             self.rank_symbolic = symbolic_rank(model, self.rank, self.dims[3], self.fake_mode)
         return model
 
@@ -216,7 +218,7 @@ class SymbolicBackend(SimulateBackend):
         del dispatcher
 
     def validity(self) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, tuple[int, ...]]], tuple]:
-        """The set of (B, S, T) in which the recorded step is the step of every size.
+        """The set of (B, S, T, R) in which the recorded step is the step of every size.
 
         Returns:
             ``(ranges, classes, conditions)``: a box {name: (lowest, highest)}; {name: (modulus,
@@ -233,7 +235,7 @@ class SymbolicBackend(SimulateBackend):
             if symbol in self.shape_env.replacements:
                 raise TraceNotGeneral(f"{name} was specialised to {self.shape_env.replacements[symbol]}")
             bound = self.shape_env.var_to_range[symbol]
-            ranges[name] = (max(2, int(bound.lower)), min(MAX_DIM, int(bound.upper)))
+            ranges[name] = (max(MIN_SYMBOLIC, int(bound.lower)), min(MAX_DIM, int(bound.upper)))
         if not self.rank_symbolic:  # R is unused: any rank (full fine-tuning has none), or the recorded one only
             ranges["R"] = (self.rank, self.rank) if self.adapters else (0, MAX_DIM)
         var_ranges = {symbol: self.shape_env.var_to_range[symbol] for symbol in self.symbols.values()}
@@ -261,6 +263,11 @@ class SymbolicBackend(SimulateBackend):
         return ranges, classes, tuple(conditions)
 
 
+#: PEFT's LoRA variants (``LoraLayer.lora_variant``) whose forward reads the adapter weights and the
+#: scale but never the rank itself: DoRA on linear layers (``DoraLinearVariant``).
+RANK_FREE_VARIANTS = ("DoraLinearVariant",)
+
+
 def symbolic_rank(model: nn.Module, rank: int, symbol: torch.SymInt, fake_mode) -> bool:
     """Make every LoRA matrix of ``model`` ``symbol`` wide instead of ``rank``, in place; False if one cannot be.
 
@@ -272,7 +279,8 @@ def symbolic_rank(model: nn.Module, rank: int, symbol: torch.SymInt, fake_mode) 
 
     Only when every adapter of every LoRA layer is a plain pair of that form (no embedding or
     convolution adapter, no fused-expert ``ParamWrapper`` with ``r x experts`` rows, no second
-    rank) is anything replaced: one matrix left ``rank`` wide would tie the trace to that rank.
+    rank, no LoRA variant but DoRA's, which reads only the weights and the scale) is anything
+    replaced: one matrix left ``rank`` wide would tie the trace to that rank.
     """
     from peft.tuners.lora.layer import LoraLayer
 
@@ -283,6 +291,9 @@ def symbolic_rank(model: nn.Module, rank: int, symbol: torch.SymInt, fake_mode) 
         if any(len(getattr(layer, name, ())) for name in ("lora_embedding_A", "lora_embedding_B")):
             return False
         for adapter, adapter_rank in layer.r.items():
+            variant = getattr(layer, "lora_variant", {}).get(adapter)
+            if variant is not None and type(variant).__name__ not in RANK_FREE_VARIANTS:
+                return False
             first, second = layer.lora_A[adapter], layer.lora_B[adapter]
             if adapter_rank != rank or type(first) is not nn.Linear or type(second) is not nn.Linear:
                 return False
