@@ -119,20 +119,18 @@ def test_trace_covers_split_families(family, method, precision, tmp_path):
     path = tmp_path / f"{family}.json"
     path.write_text(json.dumps(values))
 
-    # PEFT adapts the MoE experts' fused weights with r x experts rows: their traces hold for one rank.
-    moe = family in ("mixtral", "qwen3_moe")
-
     def run(batch: int, seq: int, point: int):
         return run_config("model=custom", f"model.config_path={path}", f"model.task={task}", f"method={method}",
                           "backend.name=simulate", f"train.precision={precision}", f"workload.batch_size={batch}",
-                          f"workload.seq_len={seq}", "method.rank=2" if moe else rank(method, point)[0])
+                          f"workload.seq_len={seq}", *rank(method, point))
 
     for point, (batch, seq) in enumerate([(4, 16), (2, 5), (3, 33), (7, 57), (2, 64)]):
         assert covered(run(batch, seq, point)) is None
         assert_same(simulate_via_trace(run(batch, seq, point), cache_dir=str(tmp_path / "traces")),
                     measure(run(batch, seq, point)))
     traces = [trace for path in (tmp_path / "traces").glob("*.trace.pickle") for trace in pickle.loads(path.read_bytes())]
-    assert {trace.validity["R"] for trace in traces} == ({(2, 2)} if moe else {(2, 1 << 20)})
+    # every rank, also for the MoE experts' fused weights (PEFT's ParamWrapper: r x experts rows)
+    assert {trace.validity["R"] for trace in traces} == {(2, 1 << 20)}
 
 
 def test_trace_is_general_whatever_the_hints():

@@ -90,22 +90,17 @@ def covered(run: RunConfig) -> Optional[str]:
     return None
 
 
-#: Covered families whose MoE experts PEFT adapts through ``target_parameters`` (a ParamWrapper with
-#: ``r x experts`` rows, which :func:`membench.trace.symbolic.symbolic_rank` leaves alone): one trace per rank.
-FUSED_EXPERT_FAMILIES = ("mixtral", "qwen3_moe")
-
-
 def trace_group(run: RunConfig) -> str:
-    """The runs one recorded trace answers, as a name: the trace key, and the rank where it is not symbolic.
+    """The runs one recorded trace answers, as a name: the trace key, and the rank where it cannot be symbolic.
 
-    A LoRA rank below 2 is specialised like any size 1, and fused MoE experts keep their rank, so
-    such a run's trace holds for its own rank only (:attr:`membench.trace.record.Trace.validity`).
+    A LoRA rank below 2 is specialised like any size 1, so such a run's trace holds for its own
+    rank only (:attr:`membench.trace.record.Trace.validity`); every other rank shares one trace.
     """
     from membench.trace.key import trace_key
     from membench.trace.symbolic import MIN_SYMBOLIC
 
     key = trace_key(run)
-    if run.method.uses_adapters and (run.method.rank < MIN_SYMBOLIC or _model_type(run) in FUSED_EXPERT_FAMILIES):
+    if run.method.uses_adapters and run.method.rank < MIN_SYMBOLIC:
         return f"{key}--rank{run.method.rank}"
     return key
 

@@ -277,12 +277,14 @@ def symbolic_rank(model: nn.Module, rank: int, symbol: torch.SymInt, fake_mode) 
     once A and B are replaced by fake parameters ``R x in`` and ``out x R`` (same dtype, device and
     ``requires_grad``), the step is the step of every rank, as far as its guards say.
 
-    Only when every adapter of every LoRA layer is a plain pair of that form (no embedding or
-    convolution adapter, no fused-expert ``ParamWrapper`` with ``r x experts`` rows, no second
-    rank, no LoRA variant but DoRA's, which reads only the weights and the scale) is anything
-    replaced: one matrix left ``rank`` wide would tie the trace to that rank.
+    PEFT's ``ParamWrapper`` (fused MoE experts, ``target_parameters``) stacks one pair per expert,
+    ``r x experts`` rows, and splits them again with ``reshape(experts, -1, ...)``: its matrices
+    become ``R x experts`` rows. Only when every adapter of every LoRA layer is a pair of that form
+    (no embedding or convolution adapter, no second rank, no LoRA variant but DoRA's, which reads
+    only the weights and the scale) is anything replaced: one matrix left ``rank`` wide would tie
+    the trace to that rank.
     """
-    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     replacements: list[tuple[nn.Linear, tuple]] = []
     for layer in model.modules():
@@ -297,9 +299,13 @@ def symbolic_rank(model: nn.Module, rank: int, symbol: torch.SymInt, fake_mode) 
             first, second = layer.lora_A[adapter], layer.lora_B[adapter]
             if adapter_rank != rank or type(first) is not nn.Linear or type(second) is not nn.Linear:
                 return False
-            if first.weight.shape[0] != rank or second.weight.shape[1] != rank:
+            # PEFT's ParamWrapper (fused MoE experts) stacks one rank-r pair per expert: r x experts rows,
+            # which its forward splits again with reshape(experts, -1, ...).
+            experts = layer.num_experts if isinstance(layer, ParamWrapper) else 1
+            if first.weight.shape[0] != rank * experts or second.weight.shape[1] != rank * experts:
                 return False
-            replacements += [(first, (symbol, first.weight.shape[1])), (second, (second.weight.shape[0], symbol))]
+            replacements += [(first, (symbol * experts, first.weight.shape[1])),
+                             (second, (second.weight.shape[0], symbol * experts))]
     if not replacements:
         return False
     with fake_mode:
