@@ -615,8 +615,10 @@ def _symbolic_sizes():
 
 
 def _arithmetic(a, b):
-    """Size arithmetic as a tensor's metadata makes it: products, sums, comparisons, max, floor division."""
-    return [a * b, a * b * 4, a + b, (a + 1) * b - a, torch.sym_max(a, b), a // 2, a * b > 64, a == b, (a >= 2) & (b >= 2)]
+    """Size arithmetic as a tensor's metadata makes it: products, sums, comparisons, max, floor division,
+    and one expression as int and as float (equal expressions, other Python types: other nodes)."""
+    return [a * b, a * b * 4, a + b, (a + 1) * b - a, torch.sym_max(a, b), a // 2, a * b > 64, a == b, (a >= 2) & (b >= 2),
+            a * 2, a * 2.0]
 
 
 def test_memoized_symbolic_arithmetic_builds_the_nodes_torch_builds_and_restores_torch():
@@ -628,6 +630,7 @@ def test_memoized_symbolic_arithmetic_builds_the_nodes_torch_builds_and_restores
     with compat.memoized_symbolic_arithmetic(shape_env):
         first, again = _arithmetic(a, b), _arithmetic(a, b)
         assert all(x.node is y.node for x, y in zip(first, again))  # one node per distinct operation
+        assert first[-2].node.pytype is int and first[-1].node.pytype is float
         assert a.node.wrap_int(7) is a.node.wrap_int(7) and a.node.wrap_int(7).expr == 7
         assert [(a * 0).node.maybe_as_int(), (a * b).node.maybe_as_int(), (a * 0).node.maybe_as_int()] == [0, None, 0]
         c, d, other_env = _symbolic_sizes()  # another environment's operands go to torch
