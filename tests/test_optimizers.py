@@ -171,7 +171,8 @@ def test_bad_optimizer_settings_are_named(overrides, expected):
 
 
 TRACED = [("lora", ("train.optimizer=adamw_8bit", *WIDE_LORA)), ("full", ("train.optimizer=paged_adamw_8bit", PAGED_VOCAB)),
-          ("lora_fa", ("train.optimizer=sgd",)), ("full", ("train.optimizer=adafactor", "train.precision=bf16"))]
+          ("lora_fa", ("train.optimizer=sgd",)), ("full", ("train.optimizer=adafactor", "train.precision=bf16")),
+          ("lora_fa", ("method.lorafa_optimizer=true",))]  # PEFT's LoRA-FA AdamW: its R x R terms, at every rank
 
 
 @pytest.mark.parametrize(("method", "extra"), TRACED, ids=["-".join((m, e[0])) for m, e in TRACED])
@@ -184,7 +185,8 @@ def test_trace_covers_optimizers(method, extra):
     trace = record_trace(sized("tiny-llama", method, 4, 16, *extra))
     # Other ranks too (the symbol R): for 8-bit state only those whose A matrices still reach bitsandbytes'
     # 8-bit threshold and whose k/v B matrices do not, which the trace's validity says.
-    ranks = {"train.optimizer=adamw_8bit": (34, 40, 62), "train.optimizer=sgd": (3, 6, 5)}.get(extra[0], (None,) * 3)
+    ranks = {"train.optimizer=adamw_8bit": (34, 40, 62), "train.optimizer=sgd": (3, 6, 5),
+             "method.lorafa_optimizer=true": (3, 6, 5)}.get(extra[0], (None,) * 3)
     if extra[0] == "train.optimizer=adamw_8bit":
         assert trace.validity["R"] == (32, 63)
     for (batch, seq), rank in zip(POINTS, ranks):
