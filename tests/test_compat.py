@@ -27,7 +27,7 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 16
+    assert len(compat.CHECKS) == 17
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
@@ -652,4 +652,31 @@ def test_memoized_symbolic_arithmetic_refuses_a_changed_target(monkeypatch, attr
     monkeypatch.setattr(SymNode, attribute, replacement)
     with pytest.raises(CompatError, match=loud("torch", TORCH, fragment, need="memoize symbolic size arithmetic")):
         with compat.memoized_symbolic_arithmetic(None):
+            pass
+
+
+def test_dropout_keeps_its_input_under_the_python_dispatcher_as_aten_does_and_restores_torch():
+    x = torch.ones(3, 4)
+
+    def dropout(p: float, train: bool):
+        with torch._C._EnablePythonDispatcher():
+            return torch.ops.aten.dropout.default(x, p, train)
+
+    assert torch.ops.aten.dropout.default(x, 0.0, True) is x  # ATen's kernel
+    assert dropout(0.0, True) is not x  # torch's Python decomposition clones
+    with compat.dropout_keeps_its_input_like_cpp():
+        assert dropout(0.0, True) is x and dropout(0.5, False) is x
+        assert dropout(0.5, True).shape == x.shape  # any other p: the decomposition, as before
+    assert dropout(0.0, True) is not x
+
+
+def test_dropout_patch_refuses_a_changed_decomposition(monkeypatch):
+    from torch._C import DispatchKey
+
+    kernels = dict(torch.ops.aten.dropout.default.py_kernels)
+    kernels[DispatchKey.CompositeImplicitAutograd] = lambda input, p, train: input
+    monkeypatch.setattr(torch.ops.aten.dropout.default, "py_kernels", kernels)
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "aten.dropout", "input.clone()",
+                                               need="dropout keep its input")):
+        with compat.dropout_keeps_its_input_like_cpp():
             pass

@@ -53,6 +53,7 @@ CASES = [
     ("tiny-llama", "full", ("train.precision=fp16",)),
     ("tiny-llama", "lora_fa_recompute", ("train.precision=bf16", "method.lora_dropout=0.1")),
     ("tiny-llama", "full_recompute", ("model.attn_implementation=eager", "train.precision=bf16-autocast")),
+    ("tiny-llama", "lora_fa", ("model.attn_implementation=eager",)),  # eager's F.dropout(p=0) keeps its input
     ("tiny-roberta", "full", ("model.attn_implementation=eager",)),
     ("tiny-roberta", "lora_recompute", ("train.precision=fp16", "method.lora_dropout=0.1")),
     ("tiny-roberta", "lora_fa", ("method.lora_dropout=0.05",)),
@@ -103,13 +104,13 @@ def test_trace_covers_current_decoders(family, method, precision, tmp_path):
         assert_same(evaluate(trace, run(batch, seq, point)), measure(run(batch, seq, point)))
 
 
-SPLIT = [("gemma3_text", "lora", "bf16"), ("bert", "lora_fa", "fp32"), ("deberta-v2", "lora", "fp32"),
+SPLIT = [("gemma2", "lora_fa", "bf16"), ("gemma3_text", "lora", "bf16"), ("bert", "lora_fa", "fp32"), ("deberta-v2", "lora", "fp32"),
          ("mixtral", "lora", "bf16"), ("qwen3_moe", "lora_fa_recompute", "bf16")]
 
 
 @pytest.mark.parametrize(("family", "method", "precision"), SPLIT, ids=[case[0] for case in SPLIT])
 def test_trace_covers_split_families(family, method, precision, tmp_path):
-    """Gemma 3 (sliding window, sdpa's padded log-sum-exp), BERT, DeBERTa-v3 (its position buckets bound S) and
+    """Gemma 2 (eager attention, soft-capping, sliding window), Gemma 3 (sliding window, sdpa's padded log-sum-exp), BERT, DeBERTa-v3 (its position buckets bound S) and
     the MoE decoders (PEFT's target_parameters on the fused experts): the traces a cache keeps answer exactly."""
     import json
 

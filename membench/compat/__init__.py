@@ -23,7 +23,9 @@ One module per upstream package and concern; patches for other packages
 * ``torch_symbolic``: :func:`sympy_integer_divisions`, the classes torch writes
   symbolic integer divisions with (``membench.trace.periodic`` rewrites them), and
   :func:`memoized_symbolic_arithmetic`, which memoizes ``SymNode``'s size arithmetic while a
-  trace records (one node per distinct operation instead of one per call).
+  trace records (one node per distinct operation instead of one per call), and
+  :func:`dropout_keeps_its_input_like_cpp` (torch's Python decomposition of ``aten.dropout``
+  clones its input for ``p == 0``; ATen returns it).
 * ``torch_norms``: :func:`route_layer_norm_and_softmax_like_cuda` swaps
   ``F.layer_norm`` and ``F.softmax``; :func:`layer_norm_forward` and
   :func:`layer_norm_backward` are the LayerNorm kernels the emulation calls.
@@ -110,7 +112,8 @@ from membench.compat.torch_norms import (
     layer_norm_forward,
     route_layer_norm_and_softmax_like_cuda,
 )
-from membench.compat.torch_symbolic import memoized_symbolic_arithmetic, symbolic_binary_operations, sympy_integer_divisions
+from membench.compat.torch_symbolic import (dropout_keeps_its_input_like_cpp, dropout_kernels, memoized_symbolic_arithmetic,
+                                             symbolic_binary_operations, sympy_integer_divisions)
 from membench.compat.transformers_models import (
     check_activation_checkpointing,
     checked_masking_utils,
@@ -136,6 +139,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "follow_storage_resizes, fake_process_group, fsdp2_api, dtensor_metadata_unseen": check_distributed,
     "sympy_integer_divisions": sympy_integer_divisions,
     "memoized_symbolic_arithmetic": symbolic_binary_operations,
+    "dropout_keeps_its_input_like_cpp": dropout_kernels,
 }
 
 
@@ -158,7 +162,7 @@ __all__ = [
     "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter", "quantization_maps_off_meta",
     "dtensor_metadata_unseen", "fake_process_group", "follow_storage_resizes", "fsdp2_api",
     "global_module_forward_hooks", "installed_version", "layer_norm_backward", "layer_norm_forward",
-    "math_sdp_reduces_in_half_precision", "memoized_symbolic_arithmetic", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
+    "math_sdp_reduces_in_half_precision", "memoized_symbolic_arithmetic", "dropout_keeps_its_input_like_cpp", "no_packed_sequences", "op_returns_alias", "record_cuda_memory_history",
     "route_dropout_and_sdpa_like_cuda", "route_layer_norm_and_softmax_like_cuda", "safe_softmax",
     "storage_id", "sympy_integer_divisions", "when_storage_freed",
 ]

@@ -158,3 +158,54 @@ def memoized_symbolic_arithmetic(shape_env) -> Iterator[None]:
         memo.clear()
         as_int.clear()
         wrapped.clear()
+
+
+@contextlib.contextmanager
+def dropout_keeps_its_input_like_cpp() -> Iterator[None]:
+    """Within the block, ``aten.dropout`` with ``p == 0`` or ``train=False`` returns its input, as the C++ kernel does.
+
+    Why: a trace records with the Python dispatcher on, and there torch's Python decomposition of
+    ``aten.dropout`` (``torch._decomp.decompositions.dropout``) answers ``input.clone()`` for that
+    case, where ATen's ``dropout`` (``ATen/native/Dropout.cpp``) returns the input itself. Eager
+    attention calls ``F.dropout(weights, p=0.0)`` on its S x S probabilities: the symbolic step
+    then allocated, and the next matmul saved, a copy that a direct step never makes. Any other
+    ``p`` goes to the decomposition as before.
+    """
+    op, originals = dropout_kernels()
+
+    def keeps_input(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def dropout(input, p, train):
+            if p == 0 or not train:
+                return input
+            return original(input, p, train)
+        return dropout
+
+    for key, original in originals.items():
+        op.py_kernels[key] = keeps_input(original)
+    op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        op.py_kernels.update(originals)
+        op._dispatch_cache.clear()
+
+
+def dropout_kernels() -> tuple[Any, dict]:
+    """(``aten.dropout.default``, its Python kernels that clone for ``p == 0``); CompatError if that changed."""
+    import torch
+    from torch._C import DispatchKey
+
+    op = torch.ops.aten.dropout.default
+    kernels = getattr(op, "py_kernels", None)
+    found = {key: kernels[key] for key in (DispatchKey.CompositeImplicitAutograd, DispatchKey.Autograd)
+             if isinstance(kernels, dict) and key in kernels}
+    try:
+        sources = [inspect.getsource(kernel) for kernel in found.values()]
+    except (TypeError, OSError):
+        sources = []
+    if len(found) != 2 or not hasattr(op, "_dispatch_cache") or not all("input.clone()" in source for source in sources):
+        raise incompatible("torch", "has no Python kernels of aten.dropout (CompositeImplicitAutograd, Autograd) "
+                           "that answer input.clone() for p == 0", "to make a symbolic step's dropout keep its "
+                           "input as ATen's does (membench.trace.symbolic)")
+    return op, found

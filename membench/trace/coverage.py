@@ -13,14 +13,14 @@ from membench.config import RunConfig
 
 #: Model families (transformers ``model_type``) and the task each is covered with.
 FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "causal_lm",
-            # current decoders (tests/test_trace.py::test_trace_covers_current_decoders); not gemma2
-            # (evaluated peaks differed from direct)
+            # current decoders (tests/test_trace.py::test_trace_covers_current_decoders)
             "qwen2": "causal_lm", "qwen3": "causal_lm", "mistral": "causal_lm", "phi3": "causal_lm",
             "gpt2": "causal_lm",
             # split by residue class and size range, or not split at all
             # (tests/test_trace.py::test_trace_covers_split_families); the MoE models in bf16 (their
             # grouped_mm experts take every token x top-k: sizes do not depend on the routing)
-            "gemma3_text": "causal_lm", "bert": "sequence_classification", "deberta-v2": "sequence_classification",
+            "gemma2": "causal_lm", "gemma3_text": "causal_lm", "bert": "sequence_classification",
+            "deberta-v2": "sequence_classification",
             "mixtral": "causal_lm", "qwen3_moe": "causal_lm"}
 METHOD_KINDS = ("full", "lora", "lora_fa")  # each with and without gradient checkpointing and adapter dropout, any rank (R)
 #: Also DoRA (method.dora) on every family. bitsandbytes 4-bit base weights (QLoRA, QDoRA) on causal LMs:
@@ -73,8 +73,6 @@ def covered(run: RunConfig) -> Optional[str]:
         return f"{model_type} with task {run.model.task} is not covered"
     if run.model.attn_implementation not in ATTENTION:
         return f"attention {run.model.attn_implementation!r} is not covered"
-    if model_type == "llama" and run.model.attn_implementation == "eager" and not run.method.gradient_checkpointing:
-        return "LLaMA with eager attention is not covered (its symbolic matmul saves a clone the direct step does not)"
     if run.model.quantization not in QUANTIZATION:
         return f"model.quantization={run.model.quantization} is not covered ({', '.join(QUANTIZATION)} are)"
     if run.model.quantization != "none" and FAMILIES[model_type] != "causal_lm":

@@ -15,6 +15,8 @@ sympy expression in the symbols. Pitfalls this module avoids (see the project's 
   size, counts hints while keeping each storage's symbolic size on the side.
 * Size arithmetic is memoized (:func:`membench.compat.memoized_symbolic_arithmetic`): the
   step repeats the same few hundred operations on symbols some hundred thousand times.
+* ``aten.dropout`` with ``p == 0`` returns its input, as ATen does, not the clone that torch's
+  Python decomposition (which the dispatcher runs) makes (:func:`membench.compat.dropout_keeps_its_input_like_cpp`).
 * Whatever guards the step did add are checked afterwards (:func:`validity`): a guard that
   only bounds a symbol narrows the trace's validity box; one periodic in a single symbol
   (:mod:`membench.trace.periodic`) limits it to residue classes; a polynomial inequality in the
@@ -37,7 +39,8 @@ from torch.utils._sympy.value_ranges import bound_sympy
 from membench.allocator import allocator_bytes
 from membench.backends.simulate import SimulateBackend
 from membench.backends.tracker import AllocationTracker
-from membench.compat import FakeTensorMode, memoized_symbolic_arithmetic, when_storage_freed
+from membench.compat import (FakeTensorMode, dropout_keeps_its_input_like_cpp, memoized_symbolic_arithmetic,
+                             when_storage_freed)
 from membench.events import ALLOC
 from membench.saved_tensors import SavedTensorCounter
 from membench.trace import periodic
@@ -213,7 +216,7 @@ class SymbolicBackend(SimulateBackend):
     @contextlib.contextmanager
     def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
         dispatcher = torch._C._EnablePythonDispatcher()  # noqa: F841 - an RAII guard: alive for the step
-        with memoized_symbolic_arithmetic(self.shape_env), super().session(tensors):
+        with memoized_symbolic_arithmetic(self.shape_env), dropout_keeps_its_input_like_cpp(), super().session(tensors):
             yield
         del dispatcher
 
