@@ -56,7 +56,6 @@ CASES = [
     ("tiny-llama", "lora_fa", ("model.attn_implementation=eager",)),  # eager's F.dropout(p=0) keeps its input
     ("tiny-roberta", "full", ("model.attn_implementation=eager",)),
     ("tiny-roberta", "lora_recompute", ("train.precision=fp16", "method.lora_dropout=0.1")),
-    ("tiny-roberta", "lora_fa", ("method.lora_dropout=0.05",)),
     ("tiny-t5", "lora", ("model.attn_implementation=eager", "method.lora_dropout=0.1")),
     ("tiny-t5", "full_recompute", ("model.attn_implementation=eager", "train.precision=bf16")),
 ]
