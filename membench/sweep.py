@@ -47,7 +47,7 @@ def position(job_number: Optional[int]) -> str:
     return f"[{job_number + 1}/{total}] " if total else f"[{job_number + 1}] "
 
 
-def trace_keys(runs: list[RunConfig]) -> list[Optional[str]]:
+def trace_groups(runs: list[RunConfig]) -> list[Optional[str]]:
     """Each run's trace group (:func:`membench.trace.coverage.trace_group`: the runs one trace answers),
     or None for a run no trace covers (:func:`membench.trace.covered`: it is simulated directly,
     measured on a device, or has ``backend.trace=off``)."""
@@ -75,7 +75,7 @@ def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None)
     from membench.trace.cache import cached_traces
 
     groups: dict[str, list[int]] = {}
-    for index, group in enumerate(trace_keys(runs)):
+    for index, group in enumerate(trace_groups(runs)):
         if group is not None:
             groups.setdefault(group, []).append(index)
     direct: set[int] = set()
@@ -99,7 +99,7 @@ def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
     first: list[int] = []
     later: list[int] = []
     groups: set[str] = set()
-    for index, group in enumerate(trace_keys(runs)):
+    for index, group in enumerate(trace_groups(runs)):
         if group is not None and group in groups:
             later.append(index)
         else:

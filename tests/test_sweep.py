@@ -209,9 +209,9 @@ def test_a_sweep_records_a_trace_only_where_enough_jobs_share_it(tmp_path):
 
 
 def test_rank_one_has_a_trace_group_of_its_own_and_every_other_rank_shares_one():
-    from membench.sweep import trace_keys, trace_waves
+    from membench.sweep import trace_groups, trace_waves
 
     runs = [tiny("tiny-llama", "lora", f"method.rank={rank}", backend="simulate") for rank in (1, 2, 5, 8)]
-    keys = trace_keys(runs)
+    keys = trace_groups(runs)
     assert keys[0] == keys[1] + "--rank1" and keys[1] == keys[2] == keys[3]
     assert trace_waves(runs) == [[0, 1], [2, 3]]  # rank 1 records its own; rank 2 the one ranks 5 and 8 evaluate
