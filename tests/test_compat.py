@@ -27,7 +27,7 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 17
+    assert len(compat.CHECKS) == 18
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
@@ -679,4 +679,51 @@ def test_dropout_patch_refuses_a_changed_decomposition(monkeypatch):
     with pytest.raises(CompatError, match=loud("torch", TORCH, "aten.dropout", "input.clone()",
                                                need="dropout keep its input")):
         with compat.dropout_keeps_its_input_like_cpp():
+            pass
+
+
+def test_fast_fake_cache_keys_equal_torchs_and_give_the_same_hits_misses_and_bytes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    original = FakeTensorMode._prep_args_for_hash
+    compat.check_fake_cache_keys()  # value for value, on tensors of every kind (and those left to torch)
+
+    def counted_step():
+        FakeTensorMode.cache.clear()
+        before = (FakeTensorMode.cache_hits, FakeTensorMode.cache_misses)
+        with FakeTensorMode():
+            layer = nn.Linear(16, 8)
+            x = torch.randn(4, 16, requires_grad=True)
+            loss = F.gelu(layer(x)).t().sum() + layer(x[1:]).mean()
+            loss.backward()
+        return FakeTensorMode.cache_hits - before[0], FakeTensorMode.cache_misses - before[1], x.grad.shape
+
+    plain = counted_step()
+    with compat.fast_fake_cache_keys():
+        assert FakeTensorMode._prep_args_for_hash is not original
+        fast = counted_step()
+    assert fast == plain and plain[0] > 0
+    assert FakeTensorMode._prep_args_for_hash is original
+
+
+def test_fast_fake_cache_keys_are_checked_against_torchs(monkeypatch):
+    from membench.compat import torch_fake
+
+    make = torch_fake._fast_prep_args_for_hash
+
+    def drops_requires_grad(*args):  # a fast key that forgets one field
+        fast = make(*args)
+
+        def prep(self, result, arguments, state, ids):
+            fast(self, result, arguments, state, ids)
+            result[:] = [value for value in result if value is not True]
+        return prep
+
+    monkeypatch.setattr(torch_fake, "_fast_prep_args_for_hash", drops_requires_grad)
+    with pytest.raises(CompatError, match="fast key gave"):
+        compat.check_fake_cache_keys()
+    monkeypatch.setattr(torch_fake, "TENSOR_METADATA_FIELDS", ("dtype", "shape"))
+    with pytest.raises(CompatError, match=loud("torch", TORCH, "has TensorMetadata fields",
+                                               need="to build FakeTensorMode's dispatch-cache keys")):
+        with compat.fast_fake_cache_keys():
             pass

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from membench.compat import FakeTensorMode, fake_quantized_parameter, no_packed_sequences
+from membench.compat import FakeTensorMode, fake_quantized_parameter, fast_fake_cache_keys, no_packed_sequences
 from membench.devices import TRAINING_THREADS, DeviceProfile
 from membench.backends.tracker import TrackedBackend
 from membench.errors import ConfigError
@@ -100,7 +100,8 @@ class SimulateBackend(TrackedBackend):
     @contextlib.contextmanager
     def session(self, tensors: list[torch.Tensor]) -> Iterator[None]:
         # The tracker must sit above the fake mode, so it sees the fake outputs.
-        with self.fake_mode, super().session(tensors), no_packed_sequences():
+        # Same dispatch-cache keys, built faster (about 15% of a direct simulation's time).
+        with fast_fake_cache_keys(), self.fake_mode, super().session(tensors), no_packed_sequences():
             yield
 
     # Warm-up steps exist to reach the steady state: optimizer state allocated, caches and

@@ -1,0 +1,157 @@
+"""FakeTensorMode's dispatch cache, keyed faster: the same key, built without the per-tensor dataclass.
+
+A simulated step is about 100,000 fake-tensor ops, and most are answered from FakeTensorMode's
+dispatch cache. Building the cache key is the largest single cost of a hit: for every tensor
+argument torch makes a ``TensorMetadata`` dataclass, then walks its fields with ``dataclasses.fields``
+and ``isinstance`` tests to flatten it into the key (about a third of a direct simulation's time on
+T5-large LoRA, in cProfile). :func:`fast_fake_cache_keys` flattens a plain tensor argument straight
+into the same values, in the same order; every other argument goes to torch's own code.
+
+The key is the same list, value for value, so every hit, miss and bypass is the one torch would
+make: :func:`check_fake_cache_keys` compares both on tensors of every kind the fast path takes and
+some it must leave to torch (a test runs it; ``python -m membench.compat`` too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+
+from membench.compat._checks import CompatError, incompatible, require
+
+#: The fields of torch's ``TensorMetadata``, in the order its ``_flatten_into`` appends them; the fast
+#: path appends the same values in this order.
+TENSOR_METADATA_FIELDS = ("dtype", "shape", "stride", "device", "layout", "memory_format", "storage_offset",
+                          "storage_bytes", "requires_grad", "is_quantized", "is_conj", "is_neg", "is_inference",
+                          "is_sparse", "is_coalesced", "dense_dim", "sparse_dim")
+#: Arguments torch's ``_prep_args_for_hash`` keys as ``(type(arg), arg)``: its last branch.
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_NEED = "to build FakeTensorMode's dispatch-cache keys faster, value for value (membench.compat.torch_fake)"
+
+
+def _targets() -> tuple[Any, Callable, Callable]:
+    from torch._subclasses import fake_tensor
+
+    mode = fake_tensor.FakeTensorMode
+    original = require("torch", mode, "FakeTensorMode._prep_args_for_hash",
+                       ["self", "result", "args", "state", "id_hashed_objects"], _NEED)
+    fields = tuple(field.name for field in dataclasses.fields(fake_tensor.TensorMetadata))
+    if fields != TENSOR_METADATA_FIELDS:
+        raise incompatible("torch", f"has TensorMetadata fields {fields}", _NEED)
+    from torch._prims_common import suggest_memory_format
+
+    return fake_tensor, original, suggest_memory_format
+
+
+def _fast_prep_args_for_hash(original: Callable, fake_tensor_class: type, suggest_memory_format: Callable) -> Callable:
+    strided = torch.strided
+
+    def prep(self, result: list, args, state, id_hashed_objects: list) -> None:
+        if isinstance(args, (list, tuple, dict)):
+            result.append(type(args))
+            result.append(f"length_{len(args)}")
+        if isinstance(args, dict):
+            prep(self, result, args.keys(), state, id_hashed_objects)
+            prep(self, result, args.values(), state, id_hashed_objects)
+            return
+        append = result.append
+        for arg in args:
+            kind = type(arg)
+            if (kind is fake_tensor_class and arg.fake_mode is self and arg.constant is None
+                    and arg.layout is strided and not arg._has_symbolic_sizes_strides):
+                offset, nbytes = arg.storage_offset(), arg.untyped_storage().nbytes()
+                if type(offset) is int and type(nbytes) is int:  # else a symbolic storage: torch's path
+                    shape, stride = arg.shape, arg.stride()
+                    memory_format = suggest_memory_format(arg)
+                    if not arg.is_contiguous(memory_format=memory_format):
+                        memory_format = None
+                    append(arg.dtype)
+                    append(torch.Size)
+                    append(f"length_{len(shape)}")
+                    for size in shape:
+                        append(int)
+                        append(size)
+                    append(tuple)
+                    append(f"length_{len(stride)}")
+                    for step in stride:
+                        append(int)
+                        append(step)
+                    for value in (arg.device, strided, memory_format, offset, nbytes, arg.requires_grad,
+                                  arg.is_quantized, arg.is_conj(), arg.is_neg(), arg.is_inference(),
+                                  False, None, None, None):  # is_sparse, is_coalesced, dense_dim, sparse_dim
+                        append(value)
+                    continue
+            if kind in _PLAIN:
+                append(kind)
+                append(arg)
+            elif kind is list or kind is tuple or kind is dict:
+                prep(self, result, arg, state, id_hashed_objects)
+            else:  # anything else (symbolic sizes, other tensors, graph modules, bypasses): torch's own code
+                # An iterator, not a tuple: torch keys a tuple's type and length first, an iterator's not.
+                original(self, result, iter((arg,)), state, id_hashed_objects)
+
+    return prep
+
+
+@contextlib.contextmanager
+def fast_fake_cache_keys() -> Iterator[None]:
+    """Within the block, FakeTensorMode builds its dispatch-cache keys with :func:`_fast_prep_args_for_hash`.
+
+    The patch is on the class, so it holds for every fake mode while the block runs (a simulated
+    step runs on one thread); it is undone on exit, also after an error.
+    """
+    fake_tensor, original, suggest_memory_format = _targets()
+    mode = fake_tensor.FakeTensorMode
+    mode._prep_args_for_hash = _fast_prep_args_for_hash(original, fake_tensor.FakeTensor, suggest_memory_format)
+    try:
+        yield
+    finally:
+        mode._prep_args_for_hash = original
+
+
+def _sample_arguments(fake_mode) -> list:
+    """Arguments of every kind the fast path flattens, and some it must leave to torch."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    with fake_mode:
+        plain = torch.empty(3, 5, requires_grad=True)
+        with torch.inference_mode():
+            inference = torch.empty(2)
+        tensors = [plain, plain.t(), plain[1:, 2:], torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last),
+                   torch.empty(0, 7, dtype=torch.bool), torch.empty((), dtype=torch.bfloat16), inference,
+                   torch.empty(4, dtype=torch.complex64).conj(), torch.empty(2, 2).expand(3, 2, 2)]
+    symbolic_mode = type(fake_mode)(shape_env=ShapeEnv())
+    symbolic = symbolic_mode.from_tensor(torch.empty(4, 6), source=ConstantSource("sizes"), symbolic_context=(
+        StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.DYNAMIC])))
+    with symbolic_mode:
+        concrete = torch.empty(2, 3)  # a size-free tensor in a symbolic mode: the fast path takes it
+        symbolic_view = symbolic.view(-1)[:5]  # concrete sizes, symbolic storage: torch's path
+    return [tensors, [(tensor, 1, 2.0, None, [True, "x", torch.float16]) for tensor in tensors],
+            {"dim": 1, "keepdim": False, "dtype": torch.float32, "device": torch.device("cpu")},
+            [torch.strided, torch.contiguous_format], [symbolic, 3, concrete, symbolic_view, symbolic.shape[0]],
+            [torch.empty(2)]]
+
+
+def check_fake_cache_keys() -> None:
+    """The fast key equals torch's, value for value, on :func:`_sample_arguments` (raises CompatError if not)."""
+    fake_tensor, original, suggest_memory_format = _targets()
+    fast = _fast_prep_args_for_hash(original, fake_tensor.FakeTensor, suggest_memory_format)
+    fake_mode = fake_tensor.FakeTensorMode()
+    for arguments in _sample_arguments(fake_mode):
+        owner = fake_mode if not any(getattr(arg, "fake_mode", fake_mode) is not fake_mode for arg in arguments
+                                     if isinstance(arg, torch.Tensor)) else arguments[0].fake_mode
+        keys = []
+        for prep in (original, fast):
+            result: list = []
+            try:
+                prep(owner, result, arguments, fake_tensor._CacheKeyState(owner.shape_env), [])
+            except fake_tensor._BypassDispatchCache as bypass:
+                result.append(("bypass", bypass.reason))
+            keys.append(result)
+        if keys[0] != keys[1]:
+            raise CompatError(f"torch {torch.__version__}: FakeTensorMode keys {arguments!r} as {keys[0]!r}; "
+                              f"membench's fast key gave {keys[1]!r} ({_NEED})")
