@@ -44,6 +44,8 @@ QUANT_STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
 BACKENDS = ("auto", "cuda", "simulate", "cpu")
 FAKE_DEVICES = ("auto", "cuda", "cpu")
 TRACE_MODES = ("auto", "off")
+#: The sizes a symbolic trace can leave symbolic: batch, sequence, target (decoder) length, LoRA rank.
+TRACE_SYMBOLS = "BSTR"
 PARALLEL_STRATEGIES = ("none", "ddp", "fsdp2")
 #: Dtypes FSDP2's MixedPrecisionPolicy may cast parameters (param_dtype) or gradients (reduce_dtype) to.
 PARALLEL_DTYPES = ("fp32", "bf16", "fp16")
@@ -363,6 +365,11 @@ class BackendConfig:
             it (byte-identical to direct simulation, ms instead of seconds) and
             simulates directly otherwise; ``off`` always simulates directly. How
             a result is computed, not what: never recorded, never in the run id.
+        trace_symbols: The sizes a trace recorded for this run leaves symbolic, letters of
+            ``BSTR`` (batch size, sequence length, target length, LoRA rank); the others stay
+            this run's, and the trace answers only runs with the same values of them. All four
+            by default; a sweep sets the ones its jobs vary (fewer symbols record faster). Like
+            ``trace``, never recorded, never in the run id.
         alloc_conf: CUDA caching-allocator settings in ``PYTORCH_CUDA_ALLOC_CONF`` syntax
             (``expandable_segments:True``, ``max_split_size_mb:128``, ...). ``simulate``/``cpu``
             replay the run through the allocator model with them (:mod:`membench.reserved`);
@@ -375,6 +382,7 @@ class BackendConfig:
     fake_device: str = "auto"
     memory_snapshot: bool = False
     trace: str = "auto"
+    trace_symbols: str = TRACE_SYMBOLS
     alloc_conf: str = ""  # added after identity version 1: hashed only when set
     device_memory_gib: Optional[float] = None  # added after identity version 1: hashed only when set
     compute_capability: Optional[str] = None  # likewise
@@ -382,6 +390,10 @@ class BackendConfig:
     def __post_init__(self) -> None:
         check_choice("backend.name", self.name, BACKENDS)
         check_choice("backend.trace", self.trace, TRACE_MODES)
+        symbols = str(self.trace_symbols)
+        if not symbols or set(symbols) - set(TRACE_SYMBOLS) or len(set(symbols)) != len(symbols):
+            raise ConfigError(f"backend.trace_symbols={self.trace_symbols!r} is not supported; give each of "
+                              f"{', '.join(TRACE_SYMBOLS)} at most once (e.g. {TRACE_SYMBOLS}, or B for the batch size only)")
         check_choice("backend.fake_device", self.fake_device, FAKE_DEVICES)
         check_choice("backend.device", self.device, (*DEVICES, CUSTOM))
         if self.device == CUSTOM:

@@ -11,7 +11,7 @@ so that adding a config field never renames existing results:
   ignores (:data:`IRRELEVANT_BACKEND_KEYS`) are not recorded for it, so they never do either.
 * Backend knobs that choose how a result is computed, not what it is
   (:data:`UNRECORDED_BACKEND_KEYS`: ``backend.trace``, whose ``auto`` and ``off`` give the same
-  bytes), are never recorded, so never hashed.
+  bytes, and ``backend.trace_symbols``), are never recorded, so never hashed.
 
 A change to what existing fields mean would need ``IDENTITY_VERSION = 2`` and a new list;
 version 1 hashes no version marker, which is what keeps every committed id.
@@ -42,7 +42,7 @@ OUTPUT_ONLY = ("results_dir", "force")
 #: Backend knobs that do not affect a backend: not recorded for it, so never part of its id.
 IRRELEVANT_BACKEND_KEYS = {"cuda": ("device", "fake_device", "cuda_semantics"), "cpu": ("device", "fake_device")}
 #: Backend knobs that choose how the same result is computed: never recorded, never part of any id.
-UNRECORDED_BACKEND_KEYS = ("trace",)
+UNRECORDED_BACKEND_KEYS = ("trace", "trace_symbols")
 #: Fields added after results were committed: recorded only when set, so a result of a run that leaves
 #: them at their defaults is the same file, byte for byte apart from provenance, as one written before.
 RECORDED_WHEN_SET = {"backend": ("memory_snapshot",), "model": ("quantization_skip_modules",)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -58,19 +59,49 @@ def trace_groups(runs: list[RunConfig]) -> list[Optional[str]]:
 
 
 #: Record a trace for a sweep only when at least this many of its jobs would evaluate it. Recording
-#: one symbolic step (B, S, T and the LoRA rank symbolic) costs 3.0-3.5 direct simulations of the
-#: same run (LLaMA-7B LoRA r64 bf16 b4 s512: 11.4 s against 3.77 s; T5-large LoRA b8 s256: 18.7 s
-#: against 5.93 s; RoBERTa-base LoRA b16 s128: 3.5 s against 1.02 s; one quiet core, model built
-#: each time), and evaluating a trace costs a few hundredths of one (LLaMA-7B: 0.10-0.16 s): with
-#: 3 jobs or fewer, simulating each directly is cheaper. A trace already in the cache is always used.
+#: one symbolic step costs 2.5-3.5 direct simulations of the same run with every size symbolic (LLaMA-7B
+#: LoRA r64 bf16 b4 s512: 11.4 s against 3.77 s; T5-large LoRA b8 s256: 20.5 s against 5.2 s;
+#: RoBERTa-base LoRA b16 s128: 3.5 s against 1.02 s; one quiet core, model built each time), and
+#: evaluating a trace costs a few hundredths of one (LLaMA-7B: 0.10-0.16 s): with 3 jobs or fewer,
+#: simulating each directly is cheaper. A trace already in the cache is always used.
 MIN_JOBS_PER_TRACE = 4
+#: ... and when one size that is not the rank is all the jobs vary (the batch size, or the sequence
+#: length with T5's target length following it), a trace of that size alone costs 1.7-2 direct
+#: simulations (T5-large full b8 s256: 6.3 s against 3.7 s; T5-large LoRA+recompute: 16.2 s against
+#: 8.8 s; rank and other sizes concrete, two cores busy): 3 jobs pay for it.
+MIN_JOBS_PER_ONE_SIZE_TRACE = 3
 
 
-def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None) -> set[int]:
-    """Indices of the jobs to simulate directly (``backend.trace=off``; same bytes, same run id).
+@dataclass
+class TracePlan:
+    """How a sweep's simulated jobs use traces (:func:`plan_traces`).
 
-    Those a trace covers, whose trace group has fewer than :data:`MIN_JOBS_PER_TRACE` jobs in the
-    sweep, and for which no cached trace answers.
+    Attributes:
+        direct: Indices of the jobs to simulate directly (``backend.trace=off``; same bytes, same run id).
+        symbols: {index: ``backend.trace_symbols``} for the jobs whose trace group records a trace with
+            only the sizes its jobs vary symbolic (absent: all four, the default).
+    """
+
+    direct: set[int] = field(default_factory=set)
+    symbols: dict[int, str] = field(default_factory=dict)
+
+
+def varying_sizes(runs: list[RunConfig]) -> str:
+    """The letters of :data:`membench.config.TRACE_SYMBOLS` whose size is not the same in every run."""
+    from membench.config import TRACE_SYMBOLS
+    from membench.trace.record import workload_dims
+
+    values = list(zip(*(workload_dims(run) for run in runs)))
+    return "".join(name for name, sizes in zip(TRACE_SYMBOLS, values) if len(set(sizes)) > 1)
+
+
+def plan_traces(runs: list[RunConfig], cache_dir: Optional[str] = None) -> TracePlan:
+    """Which of a sweep's jobs a trace covers are simulated directly, and which sizes each recording keeps.
+
+    Per trace group (:func:`trace_groups`), the jobs no cached trace answers share one recording,
+    symbolic in the sizes they vary only (B alone for a batch sweep; the others stay the jobs' own). It
+    is made when enough jobs share it (:data:`MIN_JOBS_PER_TRACE`, :data:`MIN_JOBS_PER_ONE_SIZE_TRACE`);
+    otherwise those jobs are simulated directly. Jobs a cached trace answers evaluate it.
     """
     from membench.trace.cache import cached_traces
 
@@ -78,32 +109,42 @@ def direct_where_cheaper(runs: list[RunConfig], cache_dir: Optional[str] = None)
     for index, group in enumerate(trace_groups(runs)):
         if group is not None:
             groups.setdefault(group, []).append(index)
-    direct: set[int] = set()
+    plan = TracePlan()
     for indices in groups.values():
-        if len(indices) >= MIN_JOBS_PER_TRACE:
-            continue
         cached = cached_traces(runs[indices[0]], cache_dir)
-        direct |= {index for index in indices if not any(trace.contains(runs[index]) is None for trace in cached)}
-    return direct
+        uncached = [index for index in indices if not any(trace.contains(runs[index]) is None for trace in cached)]
+        if not uncached:
+            continue
+        varying = varying_sizes([runs[index] for index in uncached])
+        one_size = varying in ("B", "S", "ST")
+        symbols = varying or "B"  # jobs that differ in no size (alpha, the card) still share a trace
+        if len(uncached) < (MIN_JOBS_PER_ONE_SIZE_TRACE if one_size or not varying else MIN_JOBS_PER_TRACE):
+            plan.direct |= set(uncached)
+        elif symbols != runs[uncached[0]].backend.trace_symbols:
+            plan.symbols.update(dict.fromkeys(uncached, symbols))
+    return plan
 
 
 def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
-    """Job indices in launch order for parallel workers: ``[recorders, evaluators]``.
+    """Job indices in launch order for parallel workers: ``[recorders and the rest, evaluators]``.
 
     Jobs that one symbolic trace answers (:func:`membench.trace.covered`) share its trace group.
     Launched all at once, two workers would record the same trace side by side; so the first
     wave holds one job per trace group and every job a trace does not cover, and the second wave
-    the jobs that then evaluate from the cached traces. Within a wave the sweep's order is kept.
-    A result does not depend on the order (tests/test_sweep.py).
+    the jobs that then evaluate from the cached traces. The recorders go first in the first wave: they
+    are its longest jobs, and the shorter direct ones then fill the workers' ends evenly. Otherwise the
+    sweep's order is kept. A result does not depend on the order (tests/test_sweep.py).
     """
-    first: list[int] = []
+    recorders: list[int] = []
+    rest: list[int] = []
     later: list[int] = []
     groups: set[str] = set()
     for index, group in enumerate(trace_groups(runs)):
-        if group is not None and group in groups:
+        if group is None:
+            rest.append(index)
+        elif group in groups:
             later.append(index)
         else:
-            first.append(index)
-            if group is not None:
-                groups.add(group)
-    return [wave for wave in (first, later) if wave]
+            recorders.append(index)
+            groups.add(group)
+    return [wave for wave in (recorders + rest, later) if wave]

@@ -119,15 +119,21 @@ def test_a_new_field_with_its_default_renames_nothing(extend, section, key):
 
 
 def test_backend_trace_is_never_recorded_nor_hashed():
-    """backend.trace says how a result is computed (trace or direct: the same bytes), not what: same id, no key."""
+    """backend.trace and backend.trace_symbols say how a result is computed (trace or direct: the same
+    bytes), not what: same id, no key."""
     run = tiny("tiny-llama", "lora_fa", backend="simulate")
     off = tiny("tiny-llama", "lora_fa", "backend.trace=off", backend="simulate")
+    fewer = tiny("tiny-llama", "lora_fa", "backend.trace_symbols=BR", backend="simulate")
     assert off.backend.trace == "off" and run.backend.trace == "auto"
-    assert result_id(off) == result_id(run)
-    assert "trace" not in recorded_config(off, "simulate")["backend"]
-    assert "trace" not in recorded_config(run, "simulate")["backend"]
+    assert fewer.backend.trace_symbols == "BR" and run.backend.trace_symbols == "BSTR"
+    assert result_id(off) == result_id(run) == result_id(fewer)
+    for config in (run, off, fewer):
+        assert not {"trace", "trace_symbols"} & set(recorded_config(config, "simulate")["backend"])
     with pytest.raises(ConfigError, match="backend.trace='sometimes' is not supported; choose one of: auto, off"):
         tiny("tiny-llama", "lora_fa", "backend.trace=sometimes", backend="simulate")
+    for bad in ("BX", "BB", "''"):
+        with pytest.raises(ConfigError, match=r"backend.trace_symbols='.*' is not supported; give each of B, S, T, R"):
+            tiny("tiny-llama", "lora_fa", f"backend.trace_symbols={bad}", backend="simulate")
 
 
 def test_result_file_has_the_mode_open_would_give(result, tmp_path):

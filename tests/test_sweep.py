@@ -173,6 +173,7 @@ def test_trace_waves_record_each_trace_once_before_evaluating_it():
             tiny("tiny-llama", "lora", "workload.batch_size=5", "workload.seq_len=40", backend="simulate")]  # as 0
     assert trace_waves(runs) == [[0, 2, 3, 4], [1, 5]]
     assert trace_waves(runs[3:5]) == [[0, 1]]  # nothing to evaluate later: one wave
+    assert trace_waves([runs[3], runs[0], runs[1]]) == [[1, 0], [2]]  # the recorder (the longest job) first
 
 
 def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tmp_path):
@@ -192,20 +193,31 @@ def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tm
     assert pooled_metrics == in_process
 
 
-def test_a_sweep_records_a_trace_only_where_enough_jobs_share_it(tmp_path):
-    from membench.sweep import MIN_JOBS_PER_TRACE, direct_where_cheaper
+def test_a_sweep_records_a_trace_only_where_enough_jobs_share_it_with_the_sizes_they_vary(tmp_path):
+    from membench.sweep import MIN_JOBS_PER_ONE_SIZE_TRACE, MIN_JOBS_PER_TRACE, plan_traces
     from membench.trace import load_or_record
 
-    def run(method, batch):
-        return tiny("tiny-llama", method, f"workload.batch_size={batch}", backend="simulate")
+    def run(method, batch, rank=4, seq=16):
+        adapters = () if method == "full" else (f"method.rank={rank}",)
+        return tiny("tiny-llama", method, f"workload.batch_size={batch}", *adapters, f"workload.seq_len={seq}",
+                    backend="simulate")
 
-    many = [run("lora", batch) for batch in range(2, 2 + MIN_JOBS_PER_TRACE)]
-    few = [run("lora_fa", batch) for batch in range(2, 1 + MIN_JOBS_PER_TRACE)]
+    ranks = [run("lora", batch, rank) for batch, rank in zip(range(2, 2 + MIN_JOBS_PER_TRACE), (2, 3, 4, 5))]
+    few_ranks = [run("lora_fa", batch, rank) for batch, rank in zip(range(2, 1 + MIN_JOBS_PER_TRACE), (2, 3, 4))]
+    batches = [run("lora_recompute", batch) for batch in range(2, 2 + MIN_JOBS_PER_ONE_SIZE_TRACE)]
+    lengths = [run("full", 2, seq=seq) for seq in range(16, 16 + MIN_JOBS_PER_ONE_SIZE_TRACE)]
+    runs = ranks + few_ranks + batches + lengths
     cache = str(tmp_path / "traces")
-    assert direct_where_cheaper(many + few, cache) == set(range(len(many), len(many) + len(few)))
-    load_or_record(few[0], cache)  # once its trace is cached, evaluating it is the cheap way
-    assert direct_where_cheaper(many + few, cache) == set()
-    assert direct_where_cheaper([run("lora", 1)], cache) == set()  # size 1 is direct anyway: nothing to switch
+    plan = plan_traces(runs, cache)
+    start = len(ranks)
+    assert plan.direct == set(range(start, start + len(few_ranks)))  # 3 jobs do not pay for a trace with R
+    start += len(few_ranks)
+    assert plan.symbols == {**dict.fromkeys(range(len(ranks)), "BR"), **dict.fromkeys(range(start, start + len(batches)), "B"),
+                            **dict.fromkeys(range(start + len(batches), len(runs)), "ST")}
+    assert plan_traces(batches[:-1], cache).direct == {0, 1}  # 2 jobs do not pay even for one size
+    load_or_record(few_ranks[0], cache)  # once its trace is cached, evaluating it is the cheap way
+    assert plan_traces(runs, cache).direct == set()
+    assert plan_traces([run("lora", 1)], cache).direct == set()  # size 1 is direct anyway: nothing to switch
 
 
 def test_rank_one_has_a_trace_group_of_its_own_and_every_other_rank_shares_one():

@@ -140,6 +140,27 @@ def test_trace_is_general_whatever_the_hints():
     assert evaluate(a, run).metrics == evaluate(b, run).metrics
 
 
+@pytest.mark.parametrize(("model", "symbols", "recorded", "others"), [
+    ("tiny-t5", "B", (4, 16, "method.rank=4"), [(2, 16, "method.rank=4"), (7, 16, "method.rank=4")]),
+    ("tiny-llama", "SR", (3, 16, "method.rank=4"), [(3, 5, "method.rank=3"), (3, 33, "method.rank=6")])],
+    ids=["B-only", "S-and-R"])
+def test_a_trace_of_fewer_symbols_answers_its_own_values_of_the_others(model, symbols, recorded, others):
+    """backend.trace_symbols leaves sizes concrete: the trace holds for the recorded run's values of them
+    (and says so), and is still equal to direct simulation over the sizes it kept symbolic."""
+    trace = record_trace(sized(model, "lora", *recorded, f"backend.trace_symbols={symbols}"))
+    batch, seq, rank_override = recorded
+    fixed = {"B": batch, "S": seq, "T": seq, "R": int(rank_override.split("=")[1])}
+    for name, value in fixed.items():
+        symbolic = name in symbols or (name == "T" and model != "tiny-t5")
+        assert (trace.validity[name] == (value, value)) is not symbolic
+    for batch, seq, rank_override in others:
+        run = sized(model, "lora", batch, seq, rank_override)
+        assert_same(evaluate(trace, run), measure(run))
+    outside = "B=5" if "B" not in symbols else "S=17"
+    run = sized(model, "lora", 5 if outside == "B=5" else batch, 17 if outside == "S=17" else seq, rank_override)
+    assert trace.contains(run) == f"{outside} is outside the trace's validity range [{fixed[outside[0]]}, {fixed[outside[0]]}]"
+
+
 def test_a_rank_a_direct_run_refuses_is_refused_from_a_trace_too():
     from membench.errors import ConfigError
 
@@ -200,7 +221,8 @@ def test_cache_key_changes_with_everything_but_the_sizes():
     same = [sized("tiny-t5", "lora", 7, 77), sized("tiny-t5", "lora", 3, 5, "workload.target_len=9"),
             # the rank is the symbol R; alpha only sets the scale alpha / rank
             sized("tiny-t5", "lora", 2, 16, "method.rank=4"), sized("tiny-t5", "lora", 2, 16, "method.alpha=3"),
-            sized("tiny-t5", "lora", 2, 16, "results_dir=elsewhere", "force=true", "backend.trace=off"),
+            sized("tiny-t5", "lora", 2, 16, "results_dir=elsewhere", "force=true", "backend.trace=off",
+                  "backend.trace_symbols=B"),
             # cards with the H100's cuBLAS workspaces (compute capability 9.x and newer), allocator settings
             sized("tiny-t5", "lora", 2, 16, "backend.device=h200-141gb"),
             sized("tiny-t5", "lora", 2, 16, "backend.device=b200-180gb", "backend.alloc_conf=expandable_segments:True"),

@@ -187,23 +187,25 @@ class MembenchSweeper(Sweeper):
             todo[tuple(overrides)] = run
         return [list(job) for job in todo], list(todo.values()), tally
 
-    def _direct_where_cheaper(self, jobs: List[List[str]], runs: List[Any]) -> "tuple[List[List[str]], List[Any]]":
-        """``backend.trace=off`` for jobs too few to pay for recording their trace (:func:`membench.sweep.direct_where_cheaper`).
-
-        The run id and the bytes are the same either way; only the time differs.
+    def _plan_traces(self, jobs: List[List[str]], runs: List[Any]) -> "tuple[List[List[str]], List[Any]]":
+        """``backend.trace=off`` for jobs too few to pay for recording their trace, and
+        ``backend.trace_symbols`` for the jobs of a trace that need only some sizes symbolic
+        (:func:`membench.sweep.plan_traces`). The run id and the bytes are the same every way; only the time differs.
         """
         import dataclasses
 
-        from membench.sweep import MIN_JOBS_PER_TRACE, direct_where_cheaper
+        from membench.sweep import plan_traces
 
-        direct = direct_where_cheaper(runs)  # only runs a trace covers: simulated, backend.trace=auto
-        if not direct:
-            return jobs, runs
-        print(f"membench sweep: {len(direct)} job(s) simulated directly: fewer than {MIN_JOBS_PER_TRACE} jobs share "
-              "their trace and none is cached, so recording it would cost more", flush=True)
-        jobs = [[*job, "backend.trace=off"] if index in direct else job for index, job in enumerate(jobs)]
-        runs = [dataclasses.replace(run, backend=dataclasses.replace(run.backend, trace="off")) if index in direct
-                else run for index, run in enumerate(runs)]
+        plan = plan_traces(runs)  # only runs a trace covers: simulated, backend.trace=auto
+        if plan.direct:
+            print(f"membench sweep: {len(plan.direct)} job(s) simulated directly: too few share their trace, and "
+                  "none is cached, for recording it to pay", flush=True)
+        changed = {index: (["backend.trace=off"], {"trace": "off"}) for index in plan.direct}
+        changed.update({index: ([f"backend.trace_symbols={symbols}"], {"trace_symbols": symbols})
+                        for index, symbols in plan.symbols.items()})
+        for index, (overrides, fields) in changed.items():
+            jobs[index] = [*jobs[index], *overrides]
+            runs[index] = dataclasses.replace(runs[index], backend=dataclasses.replace(runs[index].backend, **fields))
         return jobs, runs
 
     def _launcher_is(self, suffix: str) -> bool:
@@ -239,7 +241,7 @@ class MembenchSweeper(Sweeper):
         results_dir = self.config.get("results_dir")
         print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
               f"measured in {results_dir} (skipped; force=true re-measures), {len(jobs)} to run", flush=True)
-        jobs, runs = self._direct_where_cheaper(jobs, runs)
+        jobs, runs = self._plan_traces(jobs, runs)
         if self.dry_run:
             for number, job in enumerate(jobs, 1):
                 print(f"[{number}/{len(jobs)}] {' '.join(job)}", flush=True)

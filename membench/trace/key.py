@@ -23,7 +23,7 @@ SYMBOLIC_FIELDS = ("batch_size", "seq_len", "target_len")
 #: only the scale ``alpha / rank``, a value PEFT's forward multiplies by whatever it is.
 RANK_FIELDS = ("rank", "alpha")
 #: Backend knobs that say how a result is computed, not what it is.
-HOW_NOT_WHAT = ("trace",)
+HOW_NOT_WHAT = ("trace", "trace_symbols")
 #: Backend knobs a simulated step's allocation log does not depend on, except through the cuBLAS
 #: workspaces (hashed instead, as bytes): the card's capacity decides only the OOM verdict, and the
 #: allocator settings only the reserved-memory replay, both made per run when a trace is evaluated.

@@ -158,6 +158,9 @@ def _label(func) -> Optional[str]:
 def record_trace(run: RunConfig) -> Trace:
     """Simulate one step of ``run`` with B, S, T and R symbolic, and keep its allocation log as a :class:`Trace`.
 
+    ``run.backend.trace_symbols`` may leave some of them concrete: the trace then holds for the run's
+    own value of those (:attr:`Trace.validity`), and records faster.
+
     Raises:
         TraceNotGeneral: the step depends on the sizes beyond single-symbol bounds, the symbolic
             step failed, or the trace does not reproduce its own recorded run (a safety check).
@@ -168,7 +171,8 @@ def record_trace(run: RunConfig) -> Trace:
     hints = workload_dims(run)
     config = run.backend
     backend = SymbolicBackend(device_profile(config), config.cuda_semantics, config.fake_device, hints,
-                              seq2seq=run.model.task == "seq2seq_lm", adapters=run.method.uses_adapters)
+                              seq2seq=run.model.task == "seq2seq_lm", adapters=run.method.uses_adapters,
+                              symbolic=config.trace_symbols)
     events = backend.tracker.record()
     counters: list[SymbolicSavedCounter] = []
     progress = Progress()
@@ -183,7 +187,7 @@ def record_trace(run: RunConfig) -> Trace:
     finally:
         backend.cleanup()
     validity, classes, conditions = backend.validity()
-    rename = {backend.symbols[name]: size_symbol(name) for name in DIMS}
+    rename = {symbol: size_symbol(name) for name, symbol in backend.symbols.items()}
 
     polynomials = Polynomials(DIMS)
     kinds = np.empty(len(events), dtype=np.int8)

@@ -164,13 +164,17 @@ class SymbolicBackend(SimulateBackend):
         seq2seq: Whether a second batch tensor's length is T (labels of a seq2seq model).
         adapters: Whether the method trains LoRA adapters, whose matrices :meth:`build` makes R wide
             where :func:`symbolic_rank` can; otherwise the trace holds for the recorded rank only.
+        symbolic: The sizes to leave symbolic, letters of ``"BSTR"``; the others stay the hint's
+            value, and the trace holds for that value only. A sweep that varies only the batch size
+            records ``"B"``: fewer symbols, less symbolic arithmetic (``backend.trace_symbols``). T is
+            always symbolic for a model with no decoder (no tensor has it, and the run's T is its S).
 
     Attributes:
         rank_symbolic: Whether :meth:`build` made the adapters' rank the symbol R.
     """
 
     def __init__(self, profile, cuda_semantics: bool, fake_device: str, hints: tuple[int, int, int, int],
-                 seq2seq: bool, adapters: bool = False) -> None:
+                 seq2seq: bool, adapters: bool = False, symbolic: str = "".join(DIMS)) -> None:
         super().__init__(profile, cuda_semantics, fake_device)
         self.tracker = SymbolicTracker(self.device.type)
         # No duck sizing: B, S, T and R stay four symbols even when their hints are equal.
@@ -179,23 +183,27 @@ class SymbolicBackend(SimulateBackend):
         self.seq2seq = seq2seq
         self.adapters = adapters
         self.rank = hints[3]
+        self.hints = hints
+        kept = {name for name in DIMS if name in symbolic or (name == "T" and not seq2seq)}
         self.rank_symbolic = False
         self._batches = 0
         # A rank below MIN_SYMBOLIC would be specialised like any size 1: R then stands for it and stays unused.
         template = self.fake_mode.from_tensor(
             torch.empty((*hints[:3], max(self.rank, MIN_SYMBOLIC)), device="meta"), source=ConstantSource("workload"),
-            symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * len(DIMS)))
+            symbolic_context=StatelessSymbolicContext(dynamic_sizes=[
+                DimDynamic.DYNAMIC if name in kept else DimDynamic.STATIC for name in DIMS]))
         self.dims = tuple(template.shape)
+        self.symbols = {name: expression(dim) for name, dim in zip(DIMS, self.dims) if name in kept}
         with self.fake_mode:
-            for dim in self.dims:
-                torch._check(dim <= MAX_DIM)
-        self.symbols = {name: expression(dim) for name, dim in zip(DIMS, self.dims)}
+            for name, dim in zip(DIMS, self.dims):
+                if name in self.symbols:
+                    torch._check(dim <= MAX_DIM)
         if any(not isinstance(symbol, sympy.Symbol) for symbol in self.symbols.values()):
             raise TraceNotGeneral(f"batch dimensions {hints} were specialised, not made symbolic")
 
     def build(self, factory, parallelize=None) -> nn.Module:
         model = super().build(factory, parallelize)
-        if self.adapters and self.rank >= MIN_SYMBOLIC:
+        if self.adapters and self.rank >= MIN_SYMBOLIC and "R" in self.symbols:
             self.rank_symbolic = symbolic_rank(model, self.rank, self.dims[3], self.fake_mode)
         return model
 
@@ -234,7 +242,11 @@ class SymbolicBackend(SimulateBackend):
                 nor periodic in one symbol, nor a polynomial inequality.
         """
         ranges = {}
-        for name, symbol in self.symbols.items():
+        for name, value in zip(DIMS, self.hints):
+            symbol = self.symbols.get(name)
+            if symbol is None:  # left concrete: the trace holds for this value only
+                ranges[name] = (value, value)
+                continue
             if symbol in self.shape_env.replacements:
                 raise TraceNotGeneral(f"{name} was specialised to {self.shape_env.replacements[symbol]}")
             bound = self.shape_env.var_to_range[symbol]
