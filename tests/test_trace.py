@@ -440,3 +440,35 @@ def test_polynomial_inequalities_become_conditions_and_nothing_else_does():
     assert not polynomial_condition(sympy.Eq(b * s, 1536), (b, s))  # a curve, not a region
     assert not polynomial_condition(FloorDiv(s, 3) * b > 2 * s, (b, s))  # a division: not a polynomial
     assert not polynomial_condition(b * s <= sympy.Symbol("x"), (b, s))  # a symbol that is not a size
+
+
+def test_a_recording_skips_only_inplace_foreach_ops_whose_lists_match_and_adds_no_guard():
+    """What lets the symbolic step skip the optimizer's in-place foreach ops (membench.trace.symbolic)."""
+    import torch
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from membench.compat import FakeTensorMode
+    from membench.trace.symbolic import inplace_foreach_without_effect
+
+    shape_env = ShapeEnv(duck_shape=False)
+    mode = FakeTensorMode(shape_env=shape_env)
+    template = mode.from_tensor(torch.empty(3, 5), source=ConstantSource("sizes"),
+                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 2))
+    rows, cols = template.shape
+    with mode:
+        params = [torch.empty(rows, cols), torch.empty(cols)]
+        moments = [torch.empty(rows, cols), torch.empty(cols)]
+        halves = [torch.empty(rows, cols, dtype=torch.bfloat16), torch.empty(cols, dtype=torch.bfloat16)]
+        broadcast = [torch.empty(1, cols), torch.empty(cols)]
+        scalar = torch.empty(())
+    aten = torch.ops.aten
+    assert inplace_foreach_without_effect(aten._foreach_lerp_.Scalar, (params, moments, 0.1), None)
+    assert inplace_foreach_without_effect(aten._foreach_addcdiv_.Scalar, (params, moments, moments, 2.0), None)
+    assert inplace_foreach_without_effect(aten._foreach_mul_.Scalar, (params, 0.5), None)
+    assert not inplace_foreach_without_effect(aten._foreach_sqrt.default, (params,), None)  # allocates its results
+    assert not inplace_foreach_without_effect(aten._foreach_lerp_.Scalar, (params, halves, 0.1), None)  # dtypes differ
+    assert not inplace_foreach_without_effect(aten._foreach_lerp_.Scalar, (params, broadcast, 0.1), None)  # sizes differ
+    assert not inplace_foreach_without_effect(aten._foreach_mul_.Tensor, (params, scalar), None)  # a tensor outside a list
+    assert not inplace_foreach_without_effect(aten.add_.Tensor, (params[0], moments[0]), None)  # not a foreach op
+    assert not shape_env.guards  # deciding compared expressions, not sizes
