@@ -62,14 +62,19 @@ def run_one(cfg: DictConfig, number: Optional[int] = None) -> tuple[str, str]:
     Returns:
         (state, line): ``ok``/``oom``/``error``/``skipped`` and the progress line printed for it.
     """
+    run = to_run_config(cfg)
+    if torchrun.launched_by_torchrun():
+        return _run_under_torchrun(run)
+    return measure_and_write(run, number)
+
+
+def measure_and_write(run: RunConfig, number: Optional[int] = None) -> tuple[str, str]:
+    """:func:`run_one` for a validated RunConfig (the sweeper evaluates jobs a cached trace answers with it)."""
     from membench.files import check_writable_dir
     from membench.results import write_result
     from membench.summary import describe_config, headline, summarize
     from membench.sweep import existing_result
 
-    run = to_run_config(cfg)
-    if torchrun.launched_by_torchrun():
-        return _run_under_torchrun(run)
     if not run.force and (done := existing_result(run)) is not None:
         line = (f"{position(number)}{describe_config(done.config)} → already measured ({done.status.state}), "
                 f"skipped; force=true re-measures")

@@ -125,6 +125,14 @@ def plan_traces(runs: list[RunConfig], cache_dir: Optional[str] = None) -> Trace
     return plan
 
 
+def answered_by_cached_trace(run: RunConfig, cache_dir: Optional[str] = None) -> bool:
+    """Whether a trace in the cache answers ``run`` (which a trace covers): evaluating it takes milliseconds."""
+    from membench.trace import covered
+    from membench.trace.cache import cached_traces
+
+    return covered(run) is None and any(trace.contains(run) is None for trace in cached_traces(run, cache_dir))
+
+
 def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
     """Job indices in launch order for parallel workers: ``[recorders and the rest, evaluators]``.
 

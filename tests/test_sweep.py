@@ -32,8 +32,10 @@ def test_multirun_writes_one_result_per_configuration_then_resumes(tmp_path):
     assert first.returncode == 0, first.stderr
     # full has no rank: measured once per model, not once per rank
     assert "10 configurations; 0 already measured" in first.stdout
-    assert "[1/10] tiny-llama full bs=2 seq=16 fp32 → peak" in first.stdout
-    assert "[10/10] tiny-roberta lora_fa r=8 bs=2 seq=16 fp32 → peak" in first.stdout
+    lines = [line for line in first.stdout.splitlines() if " → peak " in line]
+    assert sorted(line.split("]")[0] for line in lines) == sorted(f"[{number}/10" for number in range(1, 11))
+    assert sum("tiny-llama full bs=2 seq=16 fp32 → peak" in line for line in lines) == 1
+    assert sum("tiny-roberta lora_fa r=8 bs=2 seq=16 fp32 → peak" in line for line in lines) == 1
     done = results(tmp_path)
     assert len(done) == 10
     assert all(read_result(tmp_path / "results" / "runs" / name).status.state == "ok" for name in done)
@@ -154,7 +156,9 @@ def test_in_process_runs_give_the_same_bytes_in_any_order(backend):
 
 
 def test_isolated_launcher_runs_each_configuration_in_its_own_process(tmp_path):
-    done = membench("-m", "hydra/launcher=isolated", "model=tiny-llama", "method=lora,lora_fa", *TINY, cwd=tmp_path)
+    # backend.trace=off: a job a cached trace answers would be evaluated by the sweeper, in its own process
+    done = membench("-m", "hydra/launcher=isolated", "model=tiny-llama", "method=lora,lora_fa", *TINY,
+                    "backend.trace=off", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "[1/2] tiny-llama lora r=8" in done.stdout and "[2/2] tiny-llama lora_fa r=8" in done.stdout
     logs = list((tmp_path / "multirun").rglob("*_log.out"))
@@ -176,7 +180,12 @@ def test_trace_waves_record_each_trace_once_before_evaluating_it():
     assert trace_waves([runs[3], runs[0], runs[1]]) == [[1, 0], [2]]  # the recorder (the longest job) first
 
 
-def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tmp_path):
+def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tmp_path, monkeypatch):
+    """One worker records the batch-size trace (B symbolic only: the jobs vary nothing else); the sweeper
+    evaluates the other three jobs from it in its own process; every result equals direct simulation."""
+    import pickle
+
+    monkeypatch.setenv("MEMBENCH_TRACE_CACHE", str(tmp_path / "traces"))
     sweep = ["model=tiny-llama", "method=lora", "workload.batch_size=2,3,4,5", "workload.seq_len=16",
              "backend.name=simulate"]
     pooled = membench("-m", "hydra/launcher=processes", "hydra.launcher.n_jobs=2", *sweep,
@@ -185,6 +194,12 @@ def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tm
     assert "4 configurations; 0 already measured" in pooled.stdout
     assert pooled.stdout.count(" → peak ") == 4  # each job's line once (workers print to this terminal)
     assert [line for line in pooled.stdout.splitlines() if line.startswith("[1/4]")][0].count("bs=2") == 1
+    [sweep_dir] = (tmp_path / "multirun").iterdir()
+    assert [path.name for path in sweep_dir.iterdir() if path.is_dir()] == ["0"]  # one job launched: the recorder
+    [trace] = [trace for path in (tmp_path / "traces").glob("*.pickle") for trace in pickle.loads(path.read_bytes())]
+    assert trace.validity["S"] == (16, 16) and trace.validity["R"] == (8, 8) and trace.validity["B"][0] == 2
+    evaluated = [read_result(path).env["trace"] for path in (tmp_path / "pooled").glob("*.json")]
+    assert all(env["evaluated_from_trace"] and env["key"] == trace.key for env in evaluated) and len(evaluated) == 4
     pooled_metrics = {read_result(path).run_id: read_result(path).metrics for path in (tmp_path / "pooled").glob("*.json")}
     in_process = {}
     for batch in (2, 3, 4, 5):  # what one process measures, one run after another

@@ -12,11 +12,16 @@
 * **Dry run.** ``hydra.sweeper.dry_run=true`` lists the jobs it would launch, and launches none.
 * **One GPU, one run.** With ``submitit_local`` (``hydra/launcher=isolated``) jobs
   are launched one at a time unless ``hydra.sweeper.max_batch_size`` says otherwise.
-* **Every core, one trace each.** With ``hydra/launcher=processes`` (Hydra's joblib
-  launcher: one worker process per core) simulated jobs run in parallel, in two waves:
-  one job per trace first, then the jobs that evaluate those traces from the cache
-  (:func:`membench.sweep.trace_waves`), so no two workers record the same trace. A
-  sweep that measures on a GPU is still launched one job at a time.
+* **Traces where they pay.** Per symbolic trace, the jobs no cached trace answers share one
+  recording, symbolic in the sizes they vary, or are simulated directly when too few share it
+  (:func:`membench.sweep.plan_traces`).
+* **Two waves.** Simulated jobs go in two waves: one job per trace, and the jobs no trace covers,
+  first; then the jobs that evaluate those traces (:func:`membench.sweep.trace_waves`), so no two
+  workers of ``hydra/launcher=processes`` (Hydra's joblib launcher: one worker process per core)
+  record the same trace. A sweep that measures on a GPU is launched one job at a time.
+* **Evaluated here.** A job a cached trace answers takes milliseconds to evaluate, less than a
+  launcher takes to start a job: the sweeper evaluates it in its own process (same result file,
+  same ``[i/N]`` line; no per-job Hydra output folder).
 
 Command-line overrides apply to every grid and win over the grid's own values.
 ``method=full`` drops adapter-only keys (``method.rank``, ...) so a rank axis
@@ -208,6 +213,39 @@ class MembenchSweeper(Sweeper):
             runs[index] = dataclasses.replace(runs[index], backend=dataclasses.replace(runs[index].backend, **fields))
         return jobs, runs
 
+    def _answered_here(self, indices: List[int], runs: List[Any]) -> set:
+        """Those of ``indices`` whose run a trace in the cache answers (:func:`membench.sweep.answered_by_cached_trace`)."""
+        from membench.sweep import answered_by_cached_trace
+        from membench.tracing import wants_trace
+
+        return {index for index in indices if wants_trace(runs[index]) and answered_by_cached_trace(runs[index])}
+
+    def _evaluate_here(self, job: List[str], run: Any, number: int, total: int,
+                       crashed: List[tuple[List[str], BaseException]]) -> "tuple[Optional[str], str]":
+        """One job a cached trace answers, evaluated in this process as the job would (same file, same line)."""
+        import os
+
+        from membench.cli import measure_and_write
+        from membench.errors import ConfigError
+        from membench.sweep import TOTAL_ENV, position
+
+        before = os.environ.get(TOTAL_ENV)
+        os.environ[TOTAL_ENV] = str(total)  # for the [i/N] of the line, as the launched jobs get it
+        try:
+            return measure_and_write(run, number)
+        except ConfigError as error:  # as the job would report it (membench.cli.task)
+            line = f"{position(number)}{' '.join(job)} → invalid: {error}"
+            print(line, flush=True)
+            return "invalid", line
+        except Exception as error:  # noqa: BLE001 - reported at the end, as a crashed job is
+            crashed.append((job, error))
+            return None, ""
+        finally:
+            if before is None:
+                os.environ.pop(TOTAL_ENV, None)
+            else:
+                os.environ[TOTAL_ENV] = before
+
     def _launcher_is(self, suffix: str) -> bool:
         return str(self.config.hydra.launcher.get("_target_", "")).endswith(suffix)
 
@@ -223,14 +261,14 @@ class MembenchSweeper(Sweeper):
             return [indices[start:start + self.max_batch_size] for start in range(0, len(jobs), self.max_batch_size)]
         if self._launcher_is("submitit_launcher.LocalLauncher"):
             return [[index] for index in indices]
+        from membench.sweep import trace_waves
+
         if self._launcher_is("JoblibLauncher"):
             from membench.backends import resolve_name
-            from membench.sweep import trace_waves
 
             if any(resolve_name(run.backend) == "cuda" for run in runs):
                 return [[index] for index in indices]
-            return trace_waves(runs)
-        return [indices]
+        return trace_waves(runs)
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -257,9 +295,18 @@ class MembenchSweeper(Sweeper):
         repeat_lines = self._launcher_is("submitit_launcher.LocalLauncher") or self._launcher_is("SlurmLauncher")
         returns: List[Sequence[JobReturn]] = []
         failed: List[JobReturn] = []
+        crashed: List[tuple[List[str], BaseException]] = []  # jobs the sweeper evaluated itself
         launched = 0
         for batch_indices in self._batches(jobs, runs):
-            batch = [[*jobs[index], total] for index in batch_indices]
+            here = self._answered_here(batch_indices, runs)
+            for index in here:  # milliseconds each: less than a launcher spends starting a job
+                state, line = self._evaluate_here(jobs[index], runs[index], launched, len(jobs), crashed)
+                launched += 1
+                if state is not None:
+                    tally[state] += 1
+            batch = [[*jobs[index], total] for index in batch_indices if index not in here]
+            if not batch:
+                continue
             results = self.launcher.launch(batch, initial_job_idx=launched)
             launched += len(batch)
             for result in results:
@@ -274,14 +321,17 @@ class MembenchSweeper(Sweeper):
         counts = ", ".join(f"{count} {state}" for state, count in sorted(tally.items()))
         print(f"membench sweep: done ({counts}); results in {results_dir}; tables and figures: membench-report "
               f"{results_dir}", flush=True)
-        if failed:
-            first = failed[0]
-            try:
-                first.return_value  # a failed job's return_value raises what the job raised
-                cause = None
-            except Exception as error:  # noqa: BLE001 - reported, with the job that raised it
-                cause = error
-            raise HydraException(f"{len(failed)} job(s) crashed; the first ({' '.join(first.overrides or [])}): "
+        if failed or crashed:
+            if failed:
+                first, overrides = failed[0], failed[0].overrides or []
+                try:
+                    first.return_value  # a failed job's return_value raises what the job raised
+                    cause = None
+                except Exception as error:  # noqa: BLE001 - reported, with the job that raised it
+                    cause = error
+            else:
+                overrides, cause = crashed[0]
+            raise HydraException(f"{len(failed) + len(crashed)} job(s) crashed; the first ({' '.join(overrides)}): "
                                  f"{cause!r}") from cause
         return returns
 
