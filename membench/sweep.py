@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from membench.config import RunConfig
 from membench.results import Result, ResultFileError, read_result
@@ -131,6 +131,67 @@ def answered_by_cached_trace(run: RunConfig, cache_dir: Optional[str] = None) ->
     from membench.trace.cache import cached_traces
 
     return covered(run) is None and any(trace.contains(run) is None for trace in cached_traces(run, cache_dir))
+
+
+class CachedTraceWatcher:
+    """Evaluates jobs in the background as traces that answer them arrive in the cache.
+
+    While one wave of a sweep runs in worker processes, the sweeper's own process waits; this
+    thread uses the wait to evaluate the next wave's jobs as soon as the worker recording their
+    trace has cached it (:func:`answered_by_cached_trace`). It looks again at a cache file only when
+    the file changed. Jobs no trace answers by :meth:`stop` are left for the sweeper to launch.
+
+    Args:
+        runs: The sweep's runs.
+        indices: The jobs to watch for.
+        evaluate: Evaluates job ``index`` and returns its state (it must not raise).
+    """
+
+    def __init__(self, runs: list[RunConfig], indices: list[int], evaluate: Callable[[int], Optional[str]],
+                 interval_s: float = 0.5) -> None:
+        import threading
+
+        self.runs = runs
+        self.pending = list(indices)
+        self.evaluate = evaluate
+        self.interval_s = interval_s
+        self.states: dict[int, Optional[str]] = {}  # index -> state, for the jobs evaluated
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="membench-cached-trace-watcher", daemon=True)
+
+    def __enter__(self) -> "CachedTraceWatcher":
+        if self.pending:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop after the evaluation under way (if any)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        from membench.trace.cache import cache_path
+
+        paths = {index: cache_path(self.runs[index]) for index in self.pending}
+        seen: dict[Path, float] = {}
+        while self.pending and not self._stop.is_set():
+            changed = set()
+            for path in set(paths[index] for index in self.pending):
+                mtime = path.stat().st_mtime if path.exists() else None
+                if mtime is not None and seen.get(path) != mtime:
+                    seen[path] = mtime
+                    changed.add(path)
+            for index in [index for index in self.pending if paths[index] in changed]:
+                if self._stop.is_set():
+                    return
+                if answered_by_cached_trace(self.runs[index]):
+                    self.states[index] = self.evaluate(index)
+                    self.pending.remove(index)
+            self._stop.wait(self.interval_s)
 
 
 def trace_waves(runs: list[RunConfig]) -> list[list[int]]:

@@ -235,6 +235,24 @@ def test_a_sweep_records_a_trace_only_where_enough_jobs_share_it_with_the_sizes_
     assert plan_traces([run("lora", 1)], cache).direct == set()  # size 1 is direct anyway: nothing to switch
 
 
+def test_the_watcher_evaluates_jobs_as_their_trace_arrives_and_leaves_the_others(tmp_path, monkeypatch):
+    from membench.sweep import CachedTraceWatcher
+    from membench.trace import load_or_record
+
+    monkeypatch.setenv("MEMBENCH_TRACE_CACHE", str(tmp_path / "traces"))
+    runs = [tiny("tiny-llama", "lora", f"workload.batch_size={batch}", backend="simulate") for batch in (2, 3, 4)]
+    runs.append(tiny("tiny-llama", "lora_fa", backend="simulate"))  # another trace, never recorded here
+    evaluated = []
+    with CachedTraceWatcher(runs, [1, 2, 3], lambda index: evaluated.append(index) or "ok", interval_s=0.02) as watcher:
+        time.sleep(0.1)
+        assert not evaluated  # nothing cached yet
+        load_or_record(runs[0])  # a worker caches the trace
+        deadline = time.monotonic() + 30
+        while len(evaluated) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert sorted(evaluated) == [1, 2] and watcher.states == {1: "ok", 2: "ok"} and watcher.pending == [3]
+
+
 def test_rank_one_has_a_trace_group_of_its_own_and_every_other_rank_shares_one():
     from membench.sweep import trace_groups, trace_waves
 

@@ -33,6 +33,7 @@ import copy
 import itertools
 import logging
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,31 +221,29 @@ class MembenchSweeper(Sweeper):
 
         return {index for index in indices if wants_trace(runs[index]) and answered_by_cached_trace(runs[index])}
 
-    def _evaluate_here(self, job: List[str], run: Any, number: int, total: int,
-                       crashed: List[tuple[List[str], BaseException]]) -> "tuple[Optional[str], str]":
-        """One job a cached trace answers, evaluated in this process as the job would (same file, same line)."""
-        import os
+    def _take_numbers(self, count: int) -> int:
+        """The first of ``count`` consecutive job numbers (the ``i - 1`` of ``[i/N]``), in dispatch order."""
+        with self._lock:
+            first, self._launched = self._launched, self._launched + count
+        return first
 
+    def _evaluate_here(self, job: List[str], run: Any) -> Optional[str]:
+        """One job a cached trace answers, evaluated in this process as the job would (same file, same
+        line); its state, or None when it crashed (reported at the end, as a crashed job is)."""
         from membench.cli import measure_and_write
         from membench.errors import ConfigError
-        from membench.sweep import TOTAL_ENV, position
+        from membench.sweep import position
 
-        before = os.environ.get(TOTAL_ENV)
-        os.environ[TOTAL_ENV] = str(total)  # for the [i/N] of the line, as the launched jobs get it
+        number = self._take_numbers(1)
         try:
-            return measure_and_write(run, number)
+            return measure_and_write(run, number)[0]
         except ConfigError as error:  # as the job would report it (membench.cli.task)
-            line = f"{position(number)}{' '.join(job)} → invalid: {error}"
-            print(line, flush=True)
-            return "invalid", line
+            print(f"{position(number)}{' '.join(job)} → invalid: {error}", flush=True)
+            return "invalid"
         except Exception as error:  # noqa: BLE001 - reported at the end, as a crashed job is
-            crashed.append((job, error))
-            return None, ""
-        finally:
-            if before is None:
-                os.environ.pop(TOTAL_ENV, None)
-            else:
-                os.environ[TOTAL_ENV] = before
+            with self._lock:
+                self._crashed.append((job, error))
+            return None
 
     def _launcher_is(self, suffix: str) -> bool:
         return str(self.config.hydra.launcher.get("_target_", "")).endswith(suffix)
@@ -288,36 +287,58 @@ class MembenchSweeper(Sweeper):
             return []
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / "multirun.yaml")
-        from membench.sweep import TOTAL_ENV
+        import os
+
+        from membench.sweep import TOTAL_ENV, CachedTraceWatcher
 
         total = f"++hydra.job.env_set.{TOTAL_ENV}={len(jobs)}"
+        total_before = os.environ.get(TOTAL_ENV)
+        os.environ[TOTAL_ENV] = str(len(jobs))  # the [i/N] of the jobs evaluated here
         # Jobs print their own line to this terminal, except submitit's (into log files): repeat those.
         repeat_lines = self._launcher_is("submitit_launcher.LocalLauncher") or self._launcher_is("SlurmLauncher")
+        # Workers in other processes leave this one idle while a wave runs: it evaluates the next wave meanwhile.
+        in_background = self._launcher_is("JoblibLauncher")
         returns: List[Sequence[JobReturn]] = []
         failed: List[JobReturn] = []
-        crashed: List[tuple[List[str], BaseException]] = []  # jobs the sweeper evaluated itself
-        launched = 0
-        for batch_indices in self._batches(jobs, runs):
-            here = self._answered_here(batch_indices, runs)
-            for index in here:  # milliseconds each: less than a launcher spends starting a job
-                state, line = self._evaluate_here(jobs[index], runs[index], launched, len(jobs), crashed)
-                launched += 1
-                if state is not None:
-                    tally[state] += 1
-            batch = [[*jobs[index], total] for index in batch_indices if index not in here]
-            if not batch:
-                continue
-            results = self.launcher.launch(batch, initial_job_idx=launched)
-            launched += len(batch)
-            for result in results:
-                if result.status == JobStatus.FAILED:
-                    failed.append(result)
+        self._crashed: List[tuple[List[str], BaseException]] = []  # jobs the sweeper evaluated itself
+        self._launched = 0
+        self._lock = threading.Lock()
+        waves = self._batches(jobs, runs)
+        try:
+            for number, batch_indices in enumerate(waves):
+                here = self._answered_here(batch_indices, runs)
+                for index in sorted(here):  # milliseconds each: less than a launcher spends starting a job
+                    state = self._evaluate_here(jobs[index], runs[index])
+                    if state is not None:
+                        tally[state] += 1
+                batch = [[*jobs[index], total] for index in batch_indices if index not in here]
+                if not batch:
                     continue
-                state, line = result.return_value
-                tally[state] += 1
-                if repeat_lines:  # the job printed its line into a log file; repeat it here
-                    print(line, flush=True)
-            returns.append(results)
+                following = waves[number + 1] if in_background and number + 1 < len(waves) else []
+                first = self._take_numbers(len(batch))
+                watcher = CachedTraceWatcher(runs, following, lambda index: self._evaluate_here(jobs[index], runs[index]))
+                with watcher:
+                    results = self.launcher.launch(batch, initial_job_idx=first)
+                for index, state in watcher.states.items():
+                    if state is not None:
+                        tally[state] += 1
+                if following:
+                    waves[number + 1] = [index for index in following if index not in watcher.states]
+                for result in results:
+                    if result.status == JobStatus.FAILED:
+                        failed.append(result)
+                        continue
+                    state, line = result.return_value
+                    tally[state] += 1
+                    if repeat_lines:  # the job printed its line into a log file; repeat it here
+                        print(line, flush=True)
+                returns.append(results)
+        finally:
+            if total_before is None:
+                os.environ.pop(TOTAL_ENV, None)
+            else:
+                os.environ[TOTAL_ENV] = total_before
+        crashed = self._crashed
         counts = ", ".join(f"{count} {state}" for state, count in sorted(tally.items()))
         print(f"membench sweep: done ({counts}); results in {results_dir}; tables and figures: membench-report "
               f"{results_dir}", flush=True)
