@@ -89,7 +89,7 @@ class TracePlan:
 def varying_sizes(runs: list[RunConfig]) -> str:
     """The letters of :data:`membench.config.TRACE_SYMBOLS` whose size is not the same in every run."""
     from membench.config import TRACE_SYMBOLS
-    from membench.trace.record import workload_dims
+    from membench.trace.coverage import workload_dims
 
     values = list(zip(*(workload_dims(run) for run in runs)))
     return "".join(name for name, sizes in zip(TRACE_SYMBOLS, values) if len(set(sizes)) > 1)

@@ -185,10 +185,10 @@ def test_rank_one_gets_a_trace_of_its_own(tmp_path):
 def test_traces_of_one_key_recorded_side_by_side_are_all_kept(tmp_path, monkeypatch):
     """Two workers of a sweep record traces of one key (here S % 32 == 0 and the rest) at once: the
     one that writes last re-reads the file under a lock instead of overwriting what the other wrote."""
-    import membench.trace.cache as cache
+    import membench.trace.record as recording
 
     aligned, other = sized("tiny-roberta", "lora", 2, 32), sized("tiny-roberta", "lora", 2, 33)
-    record = cache.record_trace
+    record = recording.record_trace
 
     def record_while_another_worker_writes(run):
         trace = record(run)
@@ -196,7 +196,7 @@ def test_traces_of_one_key_recorded_side_by_side_are_all_kept(tmp_path, monkeypa
             load_or_record(aligned, str(tmp_path))  # the other worker finishes first
         return trace
 
-    monkeypatch.setattr(cache, "record_trace", record_while_another_worker_writes)
+    monkeypatch.setattr(recording, "record_trace", record_while_another_worker_writes)
     load_or_record(other, str(tmp_path))
     [path] = tmp_path.glob("*.trace.pickle")
     assert sorted(trace.hints[1] for trace in pickle.loads(path.read_bytes())) == [32, 33]
@@ -259,11 +259,11 @@ def test_cache_records_once_and_survives_a_corrupt_file(tmp_path, monkeypatch, c
     first = load_or_record(run, tmp_path)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith(trace_key(run))
-    import membench.trace.cache as cache
+    import membench.trace.record as recording
 
     recorded = []
-    real = cache.record_trace
-    monkeypatch.setattr(cache, "record_trace", lambda r: recorded.append(r) or real(r))
+    real = recording.record_trace
+    monkeypatch.setattr(recording, "record_trace", lambda r: recorded.append(r) or real(r))
     other = sized("tiny-llama", "lora_fa", 6, 50)
     started = time.perf_counter()
     loaded = load_or_record(other, tmp_path)

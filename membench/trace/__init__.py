@@ -13,22 +13,43 @@ Modules: :mod:`~membench.trace.symbolic` (the symbolic step), :mod:`~membench.tr
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from membench.config import RunConfig
 from membench.results import Result
-from membench.trace.cache import default_cache_dir, load_or_record
-from membench.trace.coverage import covered
-from membench.trace.evaluate import evaluate, evaluated_events
-from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
-from membench.trace.record import Trace, record_trace
-from membench.trace.symbolic import TraceNotGeneral
+
+#: Public name -> the module that defines it. Loaded when first asked for: deciding which runs a trace
+#: covers and reading the cache (a sweep's planning) needs neither PEFT nor the recording machinery.
+_EXPORTS = {"default_cache_dir": "cache", "load_or_record": "cache", "covered": "coverage", "evaluate": "evaluate",
+            "evaluated_events": "evaluate", "TRACE_FORMAT_VERSION": "key", "trace_key": "key", "Trace": "record",
+            "record_trace": "record", "TraceNotGeneral": "symbolic"}
+
+if TYPE_CHECKING:
+    from membench.trace.cache import default_cache_dir, load_or_record
+    from membench.trace.coverage import covered
+    from membench.trace.evaluate import evaluate, evaluated_events
+    from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
+    from membench.trace.record import Trace, record_trace
+    from membench.trace.symbolic import TraceNotGeneral
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
 
 
 def simulate_via_trace(run: RunConfig, cache_dir: Optional[str] = None) -> Result:
     """``run``'s Result from a (cached) trace where one covers it, else by direct simulation with a note on stderr."""
     from membench.runner import measure
+    from membench.trace.cache import load_or_record
+    from membench.trace.coverage import covered
+    from membench.trace.evaluate import evaluate
+    from membench.trace.symbolic import TraceNotGeneral
 
     reason = covered(run)
     if reason is None:

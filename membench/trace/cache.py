@@ -14,13 +14,14 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from membench.config import RunConfig
 from membench.files import write_atomic
 from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
-from membench.trace.record import Trace, record_trace
-from membench.trace.symbolic import TraceNotGeneral
+
+if TYPE_CHECKING:
+    from membench.trace.record import Trace
 
 #: Trace groups (:func:`membench.trace.coverage.trace_group`) whose recording found no general trace
 #: in this process, and why.
@@ -47,6 +48,8 @@ def _read(path: Path, key: str) -> list[Trace]:
     """The traces in ``path``; [] when there is none, or (reported on stderr) when it is unreadable."""
     if not path.exists():
         return []
+    from membench.trace.record import Trace  # the recording machinery (PEFT, transformers): only when there is a trace
+
     try:
         with open(path, "rb") as handle:
             traces = pickle.load(handle)
@@ -72,7 +75,9 @@ def load_or_record(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Tr
     Raises:
         TraceNotGeneral: recording found that no trace answers ``run`` (see :func:`record_trace`).
     """
+    from membench.trace import record  # the recording machinery: imported when a trace may be recorded
     from membench.trace.coverage import trace_group
+    from membench.trace.symbolic import TraceNotGeneral
 
     key = trace_key(run)
     path = cache_path(run, cache_dir)
@@ -83,7 +88,7 @@ def load_or_record(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Tr
     if group in _not_general:
         raise TraceNotGeneral(_not_general[group])
     try:
-        trace = record_trace(run)
+        trace = record.record_trace(run)
     except TraceNotGeneral as error:
         _not_general[group] = str(error)  # not again in this process (a sweep would pay for it per point)
         raise

@@ -11,6 +11,21 @@ from typing import Optional
 
 from membench.config import RunConfig
 
+#: The sizes a trace keeps symbolic, in the order it stores them: batch size, sequence length, decoder
+#: length, LoRA rank (:data:`membench.config.TRACE_SYMBOLS`, one letter each).
+DIMS = ("B", "S", "T", "R")
+#: The smallest size a symbol can stand for: torch specialises sizes 0 and 1, so a run with one is
+#: simulated directly (B, S, T) or gets a trace of its own rank (R).
+MIN_SYMBOLIC = 2
+
+
+def workload_dims(run: RunConfig) -> tuple[int, int, int, int]:
+    """(B, S, T, R) of ``run``: T is the decoder length of a seq2seq model, else S; R the LoRA rank, 0 without adapters."""
+    workload = run.workload
+    target = (workload.target_len or workload.seq_len) if run.model.task == "seq2seq_lm" else workload.seq_len
+    rank = run.method.rank if run.method.uses_adapters else 0
+    return workload.batch_size, workload.seq_len, target, rank
+
 #: Model families (transformers ``model_type``) and the task each is covered with.
 FAMILIES = {"roberta": "sequence_classification", "t5": "seq2seq_lm", "llama": "causal_lm",
             # current decoders (tests/test_trace.py::test_trace_covers_current_decoders)
@@ -95,7 +110,6 @@ def trace_group(run: RunConfig) -> str:
     rank only (:attr:`membench.trace.record.Trace.validity`); every other rank shares one trace.
     """
     from membench.trace.key import trace_key
-    from membench.trace.symbolic import MIN_SYMBOLIC
 
     key = trace_key(run)
     if run.method.uses_adapters and run.method.rank < MIN_SYMBOLIC:

@@ -25,7 +25,8 @@ from membench.preflight import check_rank, check_sequence_length
 from membench.results import Result, Status, provenance
 from membench.saved_tensors import SavedTensorCounter, largest_first
 from membench.step import Metrics
-from membench.trace.record import KIND_ALLOC, KIND_FREE, Trace, workload_dims
+from membench.trace.coverage import workload_dims
+from membench.trace.record import KIND_ALLOC, KIND_FREE, Trace
 from membench.trace.symbolic import TraceNotGeneral
 
 BACKEND = "simulate"

@@ -55,9 +55,6 @@ def fake_device(run: RunConfig) -> str:
 
 def key_fields(run: RunConfig) -> dict:
     """What the key hashes: the recorded simulate config without B, S, T, rank and alpha, plus versions and the fake device."""
-    import peft
-    import transformers
-
     config = recorded_config(run, "simulate")
     for name in SYMBOLIC_FIELDS:
         config["workload"].pop(name, None)
@@ -65,8 +62,8 @@ def key_fields(run: RunConfig) -> dict:
         config["method"].pop(name, None)
     for name in HOW_NOT_WHAT + DEVICE_FIELDS:
         config["backend"].pop(name, None)
-    fields = {"config": config, "torch": torch.__version__, "transformers": transformers.__version__,
-              "peft": peft.__version__, "trace_format": TRACE_FORMAT_VERSION, "membench_code": code_digest(),
+    fields = {"config": config, "torch": torch.__version__, "transformers": installed_version("transformers"),
+              "peft": installed_version("peft"), "trace_format": TRACE_FORMAT_VERSION, "membench_code": code_digest(),
               "fake_device": fake_device(run), "workspace_bytes": device_profile(run.backend).runtime_overhead_bytes}
     if run.train.optimizer in BITSANDBYTES_OPTIMIZERS:  # its optimizer code decides the state (other runs' keys unchanged)
         fields["bitsandbytes"] = installed_version("bitsandbytes")

@@ -34,7 +34,8 @@ from membench.saved_tensors import op_name
 from membench.step import Progress
 from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
 from membench.trace.polynomial import Polynomials
-from membench.trace.symbolic import (DIMS, At, Span, SymbolicBackend, SymbolicSavedCounter, TraceNotGeneral, expression,
+from membench.trace.coverage import DIMS, workload_dims
+from membench.trace.symbolic import (At, Span, SymbolicBackend, SymbolicSavedCounter, TraceNotGeneral, expression,
                                      hint, size_symbol)
 
 #: Event kinds as stored in :attr:`Trace.kinds`.
@@ -43,14 +44,6 @@ KIND_ALLOC, KIND_FREE, KIND_PHASE = 0, 1, 2
 SIZE_MAPS = ("ctx_kept_bytes_by_function",)
 #: Metrics the reserved-memory replay fills after the step (evaluate replays them from the evaluated log).
 RESERVED_FIGURES = ("peak_reserved_bytes", "reserved_segments", "fragmentation_bytes", "num_alloc_retries")
-
-
-def workload_dims(run: RunConfig) -> tuple[int, int, int, int]:
-    """(B, S, T, R) of ``run``: T is the decoder length of a seq2seq model, else S; R the LoRA rank, 0 without adapters."""
-    workload = run.workload
-    target = (workload.target_len or workload.seq_len) if run.model.task == "seq2seq_lm" else workload.seq_len
-    rank = run.method.rank if run.method.uses_adapters else 0
-    return workload.batch_size, workload.seq_len, target, rank
 
 
 @dataclass

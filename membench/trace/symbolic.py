@@ -49,14 +49,10 @@ from membench.compat import (FakeTensorMode, dropout_keeps_its_input_like_cpp, m
 from membench.events import ALLOC
 from membench.saved_tensors import SavedTensorCounter
 from membench.trace import periodic
+from membench.trace.coverage import DIMS, MIN_SYMBOLIC
 
 #: Upper bound declared for every symbolic size (batch size, sequence lengths, LoRA rank).
 MAX_DIM = 1 << 20
-#: The smallest size a symbol can stand for: torch specialises sizes 0 and 1, so a run with one is
-#: simulated directly (B, S, T) or gets a trace of its own rank (R).
-MIN_SYMBOLIC = 2
-#: The symbols, in the order a trace stores them: batch size, sequence length, decoder length, LoRA rank.
-DIMS = ("B", "S", "T", "R")
 
 
 class TraceNotGeneral(Exception):
