@@ -133,6 +133,13 @@ def answered_by_cached_trace(run: RunConfig, cache_dir: Optional[str] = None) ->
     return covered(run) is None and any(trace.contains(run) is None for trace in cached_traces(run, cache_dir))
 
 
+def warm_worker() -> None:
+    """What every job imports first (torch, transformers, PEFT, the simulation and recording code), so a
+    worker process started ahead of the sweep's first wave has paid for it before that wave arrives."""
+    import membench.cli  # noqa: F401 - imported for its side effect: the modules load
+    import membench.trace.record  # noqa: F401
+
+
 class CachedTraceWatcher:
     """Evaluates jobs in the background as traces that answer them arrive in the cache.
 

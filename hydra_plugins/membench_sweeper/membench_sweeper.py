@@ -214,6 +214,41 @@ class MembenchSweeper(Sweeper):
             runs[index] = dataclasses.replace(runs[index], backend=dataclasses.replace(runs[index].backend, **fields))
         return jobs, runs
 
+    def _warm_workers(self) -> Optional[threading.Thread]:
+        """Start ``hydra/launcher=processes``' worker processes, importing what a job imports, while this
+        process composes and checks the jobs (seconds of each, side by side instead of one after the other).
+
+        joblib keeps one pool of workers per process and hands it to the next ``Parallel`` with the same
+        settings: this one passes the launcher's, as Hydra's joblib launcher does.
+        """
+        if self.dry_run or not self._launcher_is("JoblibLauncher"):
+            return None
+        from joblib import Parallel, cpu_count, delayed
+
+        from membench.sweep import warm_worker
+
+        settings = {key: value for key, value in OmegaConf.to_container(self.config.hydra.launcher).items()
+                    if key != "_target_"}
+        settings["backend"] = "loky"
+        for key in ("pre_dispatch", "batch_size", "max_nbytes"):  # as Hydra's launcher converts them
+            if settings.get(key):
+                try:
+                    settings[key] = int(settings[key])
+                except ValueError:
+                    pass
+        workers = settings.get("n_jobs") or 1
+        workers = cpu_count() if workers < 0 else workers
+
+        def warm() -> None:
+            try:
+                Parallel(**settings)(delayed(warm_worker)() for _ in range(workers))
+            except Exception as error:  # noqa: BLE001 - only a head start: the launch starts its own workers
+                log.debug("warming the worker processes failed: %r", error)
+
+        thread = threading.Thread(target=warm, name="membench-warm-workers", daemon=True)
+        thread.start()
+        return thread
+
     def _answered_here(self, indices: List[int], runs: List[Any]) -> set:
         """Those of ``indices`` whose run a trace in the cache answers (:func:`membench.sweep.answered_by_cached_trace`)."""
         from membench.sweep import answered_by_cached_trace
@@ -274,7 +309,12 @@ class MembenchSweeper(Sweeper):
         self._parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self._composed: dict[tuple, DictConfig] = {}
         self._groups = _config_groups(self.hydra_context.config_loader)
-        jobs, runs, tally = self._triage(self._expand(arguments))
+        warming = self._warm_workers()
+        try:
+            jobs, runs, tally = self._triage(self._expand(arguments))
+        finally:
+            if warming is not None:  # before any launch: the warm-up and the first wave share the workers
+                warming.join()
         results_dir = self.config.get("results_dir")
         print(f"membench sweep: {len(jobs) + tally['skipped']} configurations; {tally['skipped']} already "
               f"measured in {results_dir} (skipped; force=true re-measures), {len(jobs)} to run", flush=True)
