@@ -104,6 +104,7 @@ def plan_traces(runs: list[RunConfig], cache_dir: Optional[str] = None) -> Trace
     otherwise those jobs are simulated directly. Jobs a cached trace answers evaluate it.
     """
     from membench.trace.cache import cached_traces
+    from membench.trace.coverage import workload_dims
 
     groups: dict[str, list[int]] = {}
     for index, group in enumerate(trace_groups(runs)):
@@ -116,7 +117,8 @@ def plan_traces(runs: list[RunConfig], cache_dir: Optional[str] = None) -> Trace
         if not uncached:
             continue
         varying = varying_sizes([runs[index] for index in uncached])
-        one_size = varying in ("B", "S", "ST")
+        target_follows = all(dims[1] == dims[2] for dims in (workload_dims(runs[index]) for index in uncached))
+        one_size = varying in ("B", "S") or (varying == "ST" and target_follows)
         symbols = varying or "B"  # jobs that differ in no size (alpha, the card) still share a trace
         if len(uncached) < (MIN_JOBS_PER_ONE_SIZE_TRACE if one_size or not varying else MIN_JOBS_PER_TRACE):
             plan.direct |= set(uncached)
@@ -184,13 +186,17 @@ class CachedTraceWatcher:
         from membench.trace.cache import cache_path
 
         paths = {index: cache_path(self.runs[index]) for index in self.pending}
-        seen: dict[Path, float] = {}
+        seen: dict[Path, tuple] = {}
         while self.pending and not self._stop.is_set():
             changed = set()
             for path in set(paths[index] for index in self.pending):
-                mtime = path.stat().st_mtime if path.exists() else None
-                if mtime is not None and seen.get(path) != mtime:
-                    seen[path] = mtime
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # a rewrite is a new file (atomic rename)
+                if seen.get(path) != version:
+                    seen[path] = version
                     changed.add(path)
             for index in [index for index in self.pending if paths[index] in changed]:
                 if self._stop.is_set():
@@ -201,15 +207,17 @@ class CachedTraceWatcher:
             self._stop.wait(self.interval_s)
 
 
-def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
+def trace_waves(runs: list[RunConfig], answered: frozenset = frozenset()) -> list[list[int]]:
     """Job indices in launch order for parallel workers: ``[recorders and the rest, evaluators]``.
 
     Jobs that one symbolic trace answers (:func:`membench.trace.covered`) share its trace group.
     Launched all at once, two workers would record the same trace side by side; so the first
     wave holds one job per trace group and every job a trace does not cover, and the second wave
-    the jobs that then evaluate from the cached traces. The recorders go first in the first wave: they
-    are its longest jobs, and the shorter direct ones then fill the workers' ends evenly. Otherwise the
-    sweep's order is kept. A result does not depend on the order (tests/test_sweep.py).
+    the jobs that then evaluate from the cached traces. A job in ``answered`` (a cached trace answers
+    it) records nothing: it waits in the second wave, and its group's recorder is a job that is not
+    answered. The recorders go first in the first wave: they are its longest jobs, and the shorter
+    direct ones then fill the workers' ends evenly. Otherwise the sweep's order is kept. A result does
+    not depend on the order (tests/test_sweep.py).
     """
     recorders: list[int] = []
     rest: list[int] = []
@@ -218,7 +226,7 @@ def trace_waves(runs: list[RunConfig]) -> list[list[int]]:
     for index, group in enumerate(trace_groups(runs)):
         if group is None:
             rest.append(index)
-        elif group in groups:
+        elif group in groups or index in answered:
             later.append(index)
         else:
             recorders.append(index)

@@ -178,6 +178,8 @@ def test_trace_waves_record_each_trace_once_before_evaluating_it():
     assert trace_waves(runs) == [[0, 2, 3, 4], [1, 5]]
     assert trace_waves(runs[3:5]) == [[0, 1]]  # nothing to evaluate later: one wave
     assert trace_waves([runs[3], runs[0], runs[1]]) == [[1, 0], [2]]  # the recorder (the longest job) first
+    # job 0 is answered by a cached trace (of another sequence length, say): job 1 records its group's
+    assert trace_waves(runs, answered=frozenset({0})) == [[1, 2, 3, 4], [0, 5]]
 
 
 def test_processes_launcher_simulates_in_parallel_workers_with_the_same_bytes(tmp_path, monkeypatch):

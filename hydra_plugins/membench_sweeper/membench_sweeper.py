@@ -214,6 +214,12 @@ class MembenchSweeper(Sweeper):
             runs[index] = dataclasses.replace(runs[index], backend=dataclasses.replace(runs[index].backend, **fields))
         return jobs, runs
 
+    def _workers(self) -> int:
+        """How many worker processes joblib starts for ``hydra/launcher=processes`` (1: it runs jobs in this process)."""
+        from joblib import effective_n_jobs
+
+        return effective_n_jobs(self.config.hydra.launcher.get("n_jobs") or 1)
+
     def _warm_workers(self) -> Optional[threading.Thread]:
         """Start ``hydra/launcher=processes``' worker processes, importing what a job imports, while this
         process composes and checks the jobs (seconds of each, side by side instead of one after the other).
@@ -221,9 +227,9 @@ class MembenchSweeper(Sweeper):
         joblib keeps one pool of workers per process and hands it to the next ``Parallel`` with the same
         settings: this one passes the launcher's, as Hydra's joblib launcher does.
         """
-        if self.dry_run or not self._launcher_is("JoblibLauncher"):
+        if self.dry_run or not self._launcher_is("JoblibLauncher") or self._workers() < 2:
             return None
-        from joblib import Parallel, cpu_count, delayed
+        from joblib import Parallel, delayed
 
         from membench.sweep import warm_worker
 
@@ -236,8 +242,7 @@ class MembenchSweeper(Sweeper):
                     settings[key] = int(settings[key])
                 except ValueError:
                     pass
-        workers = settings.get("n_jobs") or 1
-        workers = cpu_count() if workers < 0 else workers
+        workers = self._workers()
 
         def warm() -> None:
             try:
@@ -302,7 +307,7 @@ class MembenchSweeper(Sweeper):
 
             if any(resolve_name(run.backend) == "cuda" for run in runs):
                 return [[index] for index in indices]
-        return trace_waves(runs)
+        return trace_waves(runs, frozenset(self._answered_here(indices, runs)))
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -337,7 +342,7 @@ class MembenchSweeper(Sweeper):
         # Jobs print their own line to this terminal, except submitit's (into log files): repeat those.
         repeat_lines = self._launcher_is("submitit_launcher.LocalLauncher") or self._launcher_is("SlurmLauncher")
         # Workers in other processes leave this one idle while a wave runs: it evaluates the next wave meanwhile.
-        in_background = self._launcher_is("JoblibLauncher")
+        in_background = self._launcher_is("JoblibLauncher") and self._workers() > 1
         returns: List[Sequence[JobReturn]] = []
         failed: List[JobReturn] = []
         self._crashed: List[tuple[List[str], BaseException]] = []  # jobs the sweeper evaluated itself

@@ -7,7 +7,7 @@ that are polynomials in them. :func:`record_trace` records it once with B, S, T,
 replays, and gives the Result a direct simulation gives, byte for byte in its metrics.
 
 Modules: :mod:`~membench.trace.symbolic` (the symbolic step), :mod:`~membench.trace.record`
-(the Trace), :mod:`~membench.trace.polynomial` (sizes), :mod:`~membench.trace.evaluate`,
+(the Trace), :mod:`~membench.trace.polynomial` (sizes), :mod:`~membench.trace.evaluation`,
 :mod:`~membench.trace.key` (cache key), :mod:`~membench.trace.cache`, :mod:`~membench.trace.coverage`.
 """
 
@@ -22,14 +22,14 @@ from membench.results import Result
 
 #: Public name -> the module that defines it. Loaded when first asked for: deciding which runs a trace
 #: covers and reading the cache (a sweep's planning) needs neither PEFT nor the recording machinery.
-_EXPORTS = {"default_cache_dir": "cache", "load_or_record": "cache", "covered": "coverage", "evaluate": "evaluate",
-            "evaluated_events": "evaluate", "TRACE_FORMAT_VERSION": "key", "trace_key": "key", "Trace": "record",
+_EXPORTS = {"default_cache_dir": "cache", "load_or_record": "cache", "covered": "coverage", "evaluate": "evaluation",
+            "evaluated_events": "evaluation", "TRACE_FORMAT_VERSION": "key", "trace_key": "key", "Trace": "record",
             "record_trace": "record", "TraceNotGeneral": "symbolic"}
 
 if TYPE_CHECKING:
     from membench.trace.cache import default_cache_dir, load_or_record
     from membench.trace.coverage import covered
-    from membench.trace.evaluate import evaluate, evaluated_events
+    from membench.trace.evaluation import evaluate, evaluated_events
     from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
     from membench.trace.record import Trace, record_trace
     from membench.trace.symbolic import TraceNotGeneral
@@ -48,7 +48,7 @@ def simulate_via_trace(run: RunConfig, cache_dir: Optional[str] = None) -> Resul
     from membench.runner import measure
     from membench.trace.cache import load_or_record
     from membench.trace.coverage import covered
-    from membench.trace.evaluate import evaluate
+    from membench.trace.evaluation import evaluate
     from membench.trace.symbolic import TraceNotGeneral
 
     reason = covered(run)

@@ -23,9 +23,9 @@ from membench.trace.key import TRACE_FORMAT_VERSION, trace_key
 if TYPE_CHECKING:
     from membench.trace.record import Trace
 
-#: Trace groups (:func:`membench.trace.coverage.trace_group`) whose recording found no general trace
+#: (Trace group (:func:`membench.trace.coverage.trace_group`), backend.trace_symbols) whose recording found no general trace
 #: in this process, and why.
-_not_general: dict[str, str] = {}
+_not_general: dict[tuple[str, str], str] = {}
 #: Environment variable naming the cache folder.
 CACHE_ENV = "MEMBENCH_TRACE_CACHE"
 
@@ -84,7 +84,7 @@ def load_or_record(run: RunConfig, cache_dir: Optional[str | Path] = None) -> Tr
     for trace in _read(path, key):
         if trace.contains(run) is None:
             return trace
-    group = trace_group(run)
+    group = (trace_group(run), run.backend.trace_symbols)  # fewer symbols may record where all four could not
     if group in _not_general:
         raise TraceNotGeneral(_not_general[group])
     try:

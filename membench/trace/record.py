@@ -1,7 +1,7 @@
 """A recorded symbolic trace: the allocation log of one step with sizes as polynomials in (B, S, T, R).
 
 :func:`record_trace` runs the step once on a :class:`membench.trace.symbolic.SymbolicBackend`
-and stores what :func:`membench.trace.evaluate.evaluate` needs to rebuild the Result of any
+and stores what :func:`membench.trace.evaluation.evaluate` needs to rebuild the Result of any
 workload: the event sequence (which allocation each free releases, the phase marks), each
 allocation's size as an expression, each saved storage's size, module and op, and the figures
 that do not depend on the workload (parameters, weights, gradients, env pieces). Everything in
@@ -263,7 +263,7 @@ def _symbolic(value) -> bool:
 
 def _check_against_hints(trace: Trace, run: RunConfig, recorded) -> None:
     """The trace evaluated at its own hints must give the metrics the symbolic step counted on them."""
-    from membench.trace.evaluate import evaluate_metrics
+    from membench.trace.evaluation import evaluate_metrics
 
     mine = dataclasses.asdict(evaluate_metrics(trace, trace.hints))
     theirs = {name: value for name, value in dataclasses.asdict(recorded).items()
