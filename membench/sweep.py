@@ -80,10 +80,12 @@ class TracePlan:
         direct: Indices of the jobs to simulate directly (``backend.trace=off``; same bytes, same run id).
         symbols: {index: ``backend.trace_symbols``} for the jobs whose trace group records a trace with
             only the sizes its jobs vary symbolic (absent: all four, the default).
+        answered: Indices of the jobs a trace already in the cache answers.
     """
 
     direct: set[int] = field(default_factory=set)
     symbols: dict[int, str] = field(default_factory=dict)
+    answered: set[int] = field(default_factory=set)
 
 
 def varying_sizes(runs: list[RunConfig]) -> str:
@@ -103,17 +105,16 @@ def plan_traces(runs: list[RunConfig], cache_dir: Optional[str] = None) -> Trace
     is made when enough jobs share it (:data:`MIN_JOBS_PER_TRACE`, :data:`MIN_JOBS_PER_ONE_SIZE_TRACE`);
     otherwise those jobs are simulated directly. Jobs a cached trace answers evaluate it.
     """
-    from membench.trace.cache import cached_traces
     from membench.trace.coverage import workload_dims
 
     groups: dict[str, list[int]] = {}
     for index, group in enumerate(trace_groups(runs)):
         if group is not None:
             groups.setdefault(group, []).append(index)
-    plan = TracePlan()
+    plan = TracePlan(answered=answered_by_cached_traces(runs, [i for indices in groups.values() for i in indices],
+                                                        cache_dir))
     for indices in groups.values():
-        cached = cached_traces(runs[indices[0]], cache_dir)
-        uncached = [index for index in indices if not any(trace.contains(runs[index]) is None for trace in cached)]
+        uncached = [index for index in indices if index not in plan.answered]
         if not uncached:
             continue
         varying = varying_sizes([runs[index] for index in uncached])
@@ -127,12 +128,24 @@ def plan_traces(runs: list[RunConfig], cache_dir: Optional[str] = None) -> Trace
     return plan
 
 
-def answered_by_cached_trace(run: RunConfig, cache_dir: Optional[str] = None) -> bool:
-    """Whether a trace in the cache answers ``run`` (which a trace covers): evaluating it takes milliseconds."""
+def answered_by_cached_traces(runs: list[RunConfig], indices: list[int], cache_dir: Optional[str] = None) -> set[int]:
+    """Those of ``indices`` whose run a trace covers and a trace in the cache answers (evaluating it takes
+    milliseconds); each cache file is read once."""
     from membench.trace import covered
-    from membench.trace.cache import cached_traces
+    from membench.trace.cache import cache_path, cached_traces
 
-    return covered(run) is None and any(trace.contains(run) is None for trace in cached_traces(run, cache_dir))
+    read: dict[Path, list] = {}
+    answered = set()
+    for index in indices:
+        run = runs[index]
+        if covered(run) is not None:
+            continue
+        path = cache_path(run, cache_dir)
+        if path not in read:
+            read[path] = cached_traces(run, cache_dir)
+        if any(trace.contains(run) is None for trace in read[path]):
+            answered.add(index)
+    return answered
 
 
 def warm_worker() -> None:
@@ -147,7 +160,7 @@ class CachedTraceWatcher:
 
     While one wave of a sweep runs in worker processes, the sweeper's own process waits; this
     thread uses the wait to evaluate the next wave's jobs as soon as the worker recording their
-    trace has cached it (:func:`answered_by_cached_trace`). It looks again at a cache file only when
+    trace has cached it (:func:`answered_by_cached_traces`). It looks again at a cache file only when
     the file changed. Jobs no trace answers by :meth:`stop` are left for the sweeper to launch.
 
     Args:
@@ -198,12 +211,12 @@ class CachedTraceWatcher:
                 if seen.get(path) != version:
                     seen[path] = version
                     changed.add(path)
-            for index in [index for index in self.pending if paths[index] in changed]:
+            ready = answered_by_cached_traces(self.runs, [index for index in self.pending if paths[index] in changed])
+            for index in sorted(ready):
                 if self._stop.is_set():
                     return
-                if answered_by_cached_trace(self.runs[index]):
-                    self.states[index] = self.evaluate(index)
-                    self.pending.remove(index)
+                self.states[index] = self.evaluate(index)
+                self.pending.remove(index)
             self._stop.wait(self.interval_s)
 
 

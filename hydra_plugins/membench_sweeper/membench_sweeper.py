@@ -203,6 +203,7 @@ class MembenchSweeper(Sweeper):
         from membench.sweep import plan_traces
 
         plan = plan_traces(runs)  # only runs a trace covers: simulated, backend.trace=auto
+        self._answered = plan.answered
         if plan.direct:
             print(f"membench sweep: {len(plan.direct)} job(s) simulated directly: too few share their trace, and "
                   "none is cached, for recording it to pay", flush=True)
@@ -254,13 +255,6 @@ class MembenchSweeper(Sweeper):
         thread.start()
         return thread
 
-    def _answered_here(self, indices: List[int], runs: List[Any]) -> set:
-        """Those of ``indices`` whose run a trace in the cache answers (:func:`membench.sweep.answered_by_cached_trace`)."""
-        from membench.sweep import answered_by_cached_trace
-        from membench.tracing import wants_trace
-
-        return {index for index in indices if wants_trace(runs[index]) and answered_by_cached_trace(runs[index])}
-
     def _take_numbers(self, count: int) -> int:
         """The first of ``count`` consecutive job numbers (the ``i - 1`` of ``[i/N]``), in dispatch order."""
         with self._lock:
@@ -307,7 +301,7 @@ class MembenchSweeper(Sweeper):
 
             if any(resolve_name(run.backend) == "cuda" for run in runs):
                 return [[index] for index in indices]
-        return trace_waves(runs, frozenset(self._answered_here(indices, runs)))
+        return trace_waves(runs, frozenset(self._answered))
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -334,7 +328,7 @@ class MembenchSweeper(Sweeper):
         OmegaConf.save(self.config, Path(self.config.hydra.sweep.dir) / "multirun.yaml")
         import os
 
-        from membench.sweep import TOTAL_ENV, CachedTraceWatcher
+        from membench.sweep import TOTAL_ENV, CachedTraceWatcher, answered_by_cached_traces
 
         total = f"++hydra.job.env_set.{TOTAL_ENV}={len(jobs)}"
         total_before = os.environ.get(TOTAL_ENV)
@@ -351,7 +345,7 @@ class MembenchSweeper(Sweeper):
         waves = self._batches(jobs, runs)
         try:
             for number, batch_indices in enumerate(waves):
-                here = self._answered_here(batch_indices, runs)
+                here = answered_by_cached_traces(runs, batch_indices)
                 for index in sorted(here):  # milliseconds each: less than a launcher spends starting a job
                     state = self._evaluate_here(jobs[index], runs[index])
                     if state is not None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from membench.config import RunConfig
+from membench.config import TRACE_SYMBOLS, RunConfig
 
 #: The sizes a trace keeps symbolic, in the order it stores them: batch size, sequence length, decoder
-#: length, LoRA rank (:data:`membench.config.TRACE_SYMBOLS`, one letter each).
-DIMS = ("B", "S", "T", "R")
+#: length, LoRA rank (the letters of :data:`membench.config.TRACE_SYMBOLS`).
+DIMS = tuple(TRACE_SYMBOLS)
 #: The smallest size a symbol can stand for: torch specialises sizes 0 and 1, so a run with one is
 #: simulated directly (B, S, T) or gets a trace of its own rank (R).
 MIN_SYMBOLIC = 2
