@@ -27,7 +27,7 @@ def loud(package: str, version: str, *fragments: str, need: str = "") -> str:
 
 def test_every_target_is_as_expected_on_the_installed_versions():
     assert compat.check_all() == list(compat.CHECKS)
-    assert len(compat.CHECKS) == 18
+    assert len(compat.CHECKS) == 19
 
 
 def test_check_all_lists_every_failure_at_once(monkeypatch):
@@ -727,3 +727,28 @@ def test_fast_fake_cache_keys_are_checked_against_torchs(monkeypatch):
                                                need="to build FakeTensorMode's dispatch-cache keys")):
         with compat.fast_fake_cache_keys():
             pass
+
+
+def test_cheap_fake_views_are_checked_against_torchs_and_undone(monkeypatch):
+    from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from membench.compat import torch_fake_views
+
+    build = FakeTensorMode._get_output_tensor_from_cache_entry
+    unsafe_view = fake_impls.op_implementations_dict[torch.ops.aten._unsafe_view.default]
+    compat.check_fake_views()  # the same views and guards both ways, and both cheap ways taken
+    assert FakeTensorMode._get_output_tensor_from_cache_entry is build
+    assert fake_impls.op_implementations_dict[torch.ops.aten._unsafe_view.default] is unsafe_view
+
+    made = torch_fake_views._view_of
+
+    def at_offset_zero(fake_tensor, mode, base, shape, stride, offset, *rest):  # a cheap view that loses its offset
+        return made(fake_tensor, mode, base, shape, stride, 0, *rest)
+
+    monkeypatch.setattr(torch_fake_views, "_view_of", at_offset_zero)
+    with pytest.raises(CompatError, match="made cheaply"):
+        compat.check_fake_views()
+    monkeypatch.setattr(torch_fake_views, "_remembered_reshapes", lambda fake_tensor, view, storage_id, counts: view)
+    with pytest.raises(CompatError, match="made no view cheaply"):
+        compat.check_fake_views()

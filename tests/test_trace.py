@@ -472,3 +472,47 @@ def test_a_recording_skips_only_inplace_foreach_ops_whose_lists_match_and_adds_n
     assert not inplace_foreach_without_effect(aten._foreach_mul_.Tensor, (params, scalar), None)  # a tensor outside a list
     assert not inplace_foreach_without_effect(aten.add_.Tensor, (params[0], moments[0]), None)  # not a foreach op
     assert not shape_env.guards  # deciding compared expressions, not sizes
+
+
+def _as_polynomials(trace) -> dict:
+    """A trace's fields with every size index replaced by its expanded expression (the form is not part of a trace)."""
+    import sympy
+
+    def expanded(index):
+        return None if index < 0 else sympy.expand(trace.polynomials.expressions[index])
+
+    fields = {field.name: getattr(trace, field.name) for field in dataclasses.fields(trace)
+              if field.name not in ("record_s", "polynomials", "kinds", "sizes", "frees", "saved", "metric_sizes")}
+    return {**fields, "kinds": trace.kinds.tolist(), "frees": trace.frees.tolist(),
+            "sizes": [expanded(index) for index in trace.sizes.tolist()],
+            "saved": [(expanded(index), module, op) for index, module, op in trace.saved],
+            "metric_sizes": {metric: expanded(index) if isinstance(index, int) else
+                             {name: expanded(i) for name, i in index.items()} for metric, index in trace.metric_sizes.items()}}
+
+
+@pytest.mark.parametrize("model", ["tiny-t5", "tiny-llama"])
+def test_cheap_fake_views_record_the_same_trace(model, monkeypatch):
+    """membench.compat.cheap_fake_views changes how a recording makes views, not what it records.
+
+    Each size is the same polynomial both ways; its written form may differ (which SymInt a view
+    holds decides how torch writes sizes derived from it), and so may the order of the table."""
+    import contextlib
+
+    import membench.trace.symbolic as symbolic
+    from membench.compat import torch_fake_views
+
+    used = []
+
+    @contextlib.contextmanager
+    def counted():
+        with torch_fake_views.cheap_fake_views() as counts:
+            yield counts
+        used.append(dict(counts))
+
+    run = sized(model, "lora_recompute", 3, 20)
+    monkeypatch.setattr(symbolic, "cheap_fake_views", counted)
+    cheap = record_trace(run)
+    assert used and used[0]["cached"] > 0 and used[0]["remembered"] > 0
+    monkeypatch.setattr(symbolic, "cheap_fake_views", contextlib.nullcontext)
+    plain = record_trace(run)
+    assert _as_polynomials(cheap) == _as_polynomials(plain)

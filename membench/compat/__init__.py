@@ -28,6 +28,9 @@ One module per upstream package and concern; patches for other packages
   clones its input for ``p == 0``; ATen returns it).
 * ``torch_fake``: :func:`fast_fake_cache_keys` builds ``FakeTensorMode``'s dispatch-cache keys
   without its per-tensor metadata dataclass: the same key, value for value, in less time.
+* ``torch_fake_views``: :func:`cheap_fake_views` makes the views of symbolic fake tensors that a
+  recording makes most (cached view outputs, ``aten._unsafe_view``) with less size arithmetic:
+  the same tensors and guards.
 * ``torch_norms``: :func:`route_layer_norm_and_softmax_like_cuda` swaps
   ``F.layer_norm`` and ``F.softmax``; :func:`layer_norm_forward` and
   :func:`layer_norm_backward` are the LayerNorm kernels the emulation calls.
@@ -109,6 +112,7 @@ from membench.compat.torch_distributed import (
     fsdp2_api,
 )
 from membench.compat.torch_fake import check_fake_cache_keys, fast_fake_cache_keys
+from membench.compat.torch_fake_views import cheap_fake_views, check_fake_views
 from membench.compat.torch_norms import (
     check_layer_norm_and_softmax_routing,
     layer_norm_backward,
@@ -144,6 +148,7 @@ CHECKS: dict[str, Callable[[], Any]] = {
     "memoized_symbolic_arithmetic": symbolic_binary_operations,
     "dropout_keeps_its_input_like_cpp": dropout_kernels,
     "fast_fake_cache_keys": check_fake_cache_keys,
+    "cheap_fake_views": check_fake_views,
 }
 
 
@@ -161,7 +166,7 @@ def check_all() -> list[str]:
 
 
 __all__ = [
-    "CHECKS", "CompatError", "EightBitLayout", "FakeTensorMode", "bitsandbytes_optimizer_as_on_cuda",
+    "CHECKS", "CompatError", "EightBitLayout", "FakeTensorMode", "bitsandbytes_optimizer_as_on_cuda", "cheap_fake_views",
     "eight_bit_layout", "fast_fake_cache_keys", "paged_state_tensors", "OpOverload", "TorchDispatchMode", "adamw_host_step_counters",
     "check_all", "checked_autograd_node_functions", "cpu_flash_attention", "cpu_flash_attention_backward", "enable_activation_checkpointing", "fake_quantized_parameter", "quantization_maps_off_meta",
     "dtensor_metadata_unseen", "fake_process_group", "follow_storage_resizes", "fsdp2_api",
