@@ -4,8 +4,9 @@ A simulated step is about 100,000 fake-tensor ops, and most are answered from Fa
 dispatch cache. Building the cache key is the largest single cost of a hit: for every tensor
 argument torch makes a ``TensorMetadata`` dataclass, then walks its fields with ``dataclasses.fields``
 and ``isinstance`` tests to flatten it into the key (about a third of a direct simulation's time on
-T5-large LoRA, in cProfile). :func:`fast_fake_cache_keys` flattens a plain tensor argument straight
-into the same values, in the same order; every other argument goes to torch's own code.
+T5-large LoRA, in cProfile). :func:`fast_fake_cache_keys` flattens a strided fake tensor argument
+straight into the same values, in the same order (a symbolic size through torch's own
+``_CacheKeyState.convert_sym_int``, as torch does); every other argument goes to torch's own code.
 
 The key is the same list, value for value, so every hit, miss and bypass is the one torch would
 make: :func:`check_fake_cache_keys` compares both on tensors of every kind the fast path takes and
@@ -47,7 +48,7 @@ def _targets() -> tuple[Any, Callable, Callable]:
 
 
 def _fast_prep_args_for_hash(original: Callable, fake_tensor_class: type, suggest_memory_format: Callable) -> Callable:
-    strided = torch.strided
+    strided, symint = torch.strided, torch.SymInt
 
     def prep(self, result: list, args, state, id_hashed_objects: list) -> None:
         if isinstance(args, (list, tuple, dict)):
@@ -58,38 +59,53 @@ def _fast_prep_args_for_hash(original: Callable, fake_tensor_class: type, sugges
             prep(self, result, args.values(), state, id_hashed_objects)
             return
         append = result.append
+
+        def size(value) -> None:  # an element of the shape or stride tuple, as torch's loop keys it
+            if type(value) is int:
+                append(int)
+                append(value)
+            elif type(value) is symint:
+                state.convert_sym_int(result, value)
+            else:
+                original(self, result, iter((value,)), state, id_hashed_objects)
+
+        def field(value) -> None:  # storage_offset, storage_bytes: TensorMetadata._flatten_into's scalar fields
+            if type(value) is symint:
+                state.convert_sym_int(result, value)
+            else:
+                append(value)
+
         for arg in args:
             kind = type(arg)
-            if (kind is fake_tensor_class and arg.fake_mode is self and arg.constant is None
-                    and arg.layout is strided and not arg._has_symbolic_sizes_strides):
-                offset, nbytes = arg.storage_offset(), arg.untyped_storage().nbytes()
-                if type(offset) is int and type(nbytes) is int:  # else a symbolic storage: torch's path
-                    shape, stride = arg.shape, arg.stride()
-                    memory_format = suggest_memory_format(arg)
-                    if not arg.is_contiguous(memory_format=memory_format):
-                        memory_format = None
-                    append(arg.dtype)
-                    append(torch.Size)
-                    append(f"length_{len(shape)}")
-                    for size in shape:
-                        append(int)
-                        append(size)
-                    append(tuple)
-                    append(f"length_{len(stride)}")
-                    for step in stride:
-                        append(int)
-                        append(step)
-                    for value in (arg.device, strided, memory_format, offset, nbytes, arg.requires_grad,
-                                  arg.is_quantized, arg.is_conj(), arg.is_neg(), arg.is_inference(),
-                                  False, None, None, None):  # is_sparse, is_coalesced, dense_dim, sparse_dim
-                        append(value)
-                    continue
-            if kind in _PLAIN:
+            if kind is fake_tensor_class and arg.fake_mode is self and arg.constant is None and arg.layout is strided:
+                # torch's extract_tensor_metadata, in its order (suggest_memory_format may guard on symbolic sizes)
+                memory_format = suggest_memory_format(arg)
+                if arg._has_symbolic_sizes_strides or not arg.is_contiguous(memory_format=memory_format):
+                    memory_format = None
+                shape, stride = arg.shape, arg.stride()
+                append(arg.dtype)
+                append(torch.Size)
+                append(f"length_{len(shape)}")
+                for value in shape:
+                    size(value)
+                append(tuple)
+                append(f"length_{len(stride)}")
+                for value in stride:
+                    size(value)
+                append(arg.device)
+                append(strided)
+                append(memory_format)
+                field(arg.storage_offset())
+                field(arg.untyped_storage().nbytes())
+                for value in (arg.requires_grad, arg.is_quantized, arg.is_conj(), arg.is_neg(), arg.is_inference(),
+                              False, None, None, None):  # is_sparse, is_coalesced, dense_dim, sparse_dim
+                    append(value)
+            elif kind in _PLAIN:
                 append(kind)
                 append(arg)
             elif kind is list or kind is tuple or kind is dict:
                 prep(self, result, arg, state, id_hashed_objects)
-            else:  # anything else (symbolic sizes, other tensors, graph modules, bypasses): torch's own code
+            else:  # anything else (SymInts, other tensors, graph modules, bypasses): torch's own code
                 # An iterator, not a tuple: torch keys a tuple's type and length first, an iterator's not.
                 original(self, result, iter((arg,)), state, id_hashed_objects)
 
@@ -127,13 +143,19 @@ def _sample_arguments(fake_mode) -> list:
     symbolic_mode = type(fake_mode)(shape_env=ShapeEnv())
     symbolic = symbolic_mode.from_tensor(torch.empty(4, 6), source=ConstantSource("sizes"), symbolic_context=(
         StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.DYNAMIC])))
+    image = symbolic_mode.from_tensor(torch.empty(2, 3, 4, 5), source=ConstantSource("image"), symbolic_context=(
+        StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 4)))
     with symbolic_mode:
-        concrete = torch.empty(2, 3)  # a size-free tensor in a symbolic mode: the fast path takes it
-        symbolic_view = symbolic.view(-1)[:5]  # concrete sizes, symbolic storage: torch's path
+        concrete = torch.empty(2, 3)  # a size-free tensor in a symbolic mode
+        symbolic_view = symbolic.view(-1)[:5]  # concrete sizes, symbolic storage
+        graded = torch.empty(symbolic.shape, requires_grad=True)
+        symbolic_tensors = [symbolic, symbolic.t(), symbolic[1:], graded, image,
+                            image.to(memory_format=torch.channels_last), image.permute(0, 2, 3, 1)]
+    # One list per kind: repeated sizes within one key are back-references to their first place.
     return [tensors, [(tensor, 1, 2.0, None, [True, "x", torch.float16]) for tensor in tensors],
             {"dim": 1, "keepdim": False, "dtype": torch.float32, "device": torch.device("cpu")},
             [torch.strided, torch.contiguous_format], [symbolic, 3, concrete, symbolic_view, symbolic.shape[0]],
-            [torch.empty(2)]]
+            [torch.empty(2)], symbolic_tensors, [symbolic.shape[1], *symbolic_tensors[:4], [symbolic_view, 2]]]
 
 
 def check_fake_cache_keys() -> None:
@@ -142,8 +164,8 @@ def check_fake_cache_keys() -> None:
     fast = _fast_prep_args_for_hash(original, fake_tensor.FakeTensor, suggest_memory_format)
     fake_mode = fake_tensor.FakeTensorMode()
     for arguments in _sample_arguments(fake_mode):
-        owner = fake_mode if not any(getattr(arg, "fake_mode", fake_mode) is not fake_mode for arg in arguments
-                                     if isinstance(arg, torch.Tensor)) else arguments[0].fake_mode
+        owner = next((arg.fake_mode for arg in arguments if isinstance(arg, fake_tensor.FakeTensor)
+                      and arg.fake_mode is not fake_mode), fake_mode)
         keys = []
         for prep in (original, fast):
             result: list = []
