@@ -25,6 +25,7 @@ from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
 from membench.parallel import torchrun
+from membench.shutdown import skip_final_collection
 from membench.sweep import position
 
 EXPERIMENT = re.compile(r"^experiment=")
@@ -113,6 +114,7 @@ def _run_under_torchrun(run: RunConfig) -> tuple[str, str]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def task(cfg: DictConfig) -> tuple[str, str]:
     """One Hydra job: one configuration."""
+    skip_final_collection()  # also in a sweep's worker processes, which run jobs through here
     number = job_number()
     try:
         return run_one(cfg, number)
@@ -137,6 +139,7 @@ def main() -> None:
     line is kept for the command that runs them rather than a ``# @package _global_`` header.
     """
     sys.argv = [EXPERIMENT.sub("experiment@_global_=", arg) for arg in sys.argv]
+    skip_final_collection()
     task()
 
 

@@ -287,7 +287,9 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from membench.cli import CONF_DIR
+    from membench.shutdown import skip_final_collection
 
+    skip_final_collection()
     register_fit_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit")

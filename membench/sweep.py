@@ -153,6 +153,9 @@ def warm_worker() -> None:
     worker process started ahead of the sweep's first wave has paid for it before that wave arrives."""
     import membench.cli  # noqa: F401 - imported for its side effect: the modules load
     import membench.trace.record  # noqa: F401
+    from membench.shutdown import skip_final_collection
+
+    skip_final_collection()  # a worker no job reaches exits quickly too
 
 
 class CachedTraceWatcher:

@@ -122,7 +122,9 @@ def main() -> None:
 
     from membench.backends.base import BusyDeviceError
     from membench.cli import CONF_DIR
+    from membench.shutdown import skip_final_collection
 
+    skip_final_collection()
     register_maxfit_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="maxfit")
