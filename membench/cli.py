@@ -25,7 +25,7 @@ from membench.backends.base import BusyDeviceError
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
 from membench.parallel import torchrun
-from membench.shutdown import skip_final_collection
+from membench.collector import freeze_what_is_loaded, skip_final_collection
 from membench.sweep import position
 
 EXPERIMENT = re.compile(r"^experiment=")
@@ -139,6 +139,7 @@ def main() -> None:
     line is kept for the command that runs them rather than a ``# @package _global_`` header.
     """
     sys.argv = [EXPERIMENT.sub("experiment@_global_=", arg) for arg in sys.argv]
+    freeze_what_is_loaded()  # torch, Hydra and membench, imported with this module
     skip_final_collection()
     task()
 

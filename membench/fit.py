@@ -287,8 +287,9 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from membench.cli import CONF_DIR
-    from membench.shutdown import skip_final_collection
+    from membench.collector import freeze_what_is_loaded, skip_final_collection
 
+    freeze_what_is_loaded()  # torch, Hydra and membench, imported by now
     skip_final_collection()
     register_fit_configs()
 

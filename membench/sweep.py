@@ -151,10 +151,12 @@ def answered_by_cached_traces(runs: list[RunConfig], indices: list[int], cache_d
 def warm_worker() -> None:
     """What every job imports first (torch, transformers, PEFT, the simulation and recording code), so a
     worker process started ahead of the sweep's first wave has paid for it before that wave arrives."""
-    import membench.cli  # noqa: F401 - imported for its side effect: the modules load
-    import membench.trace.record  # noqa: F401
-    from membench.shutdown import skip_final_collection
+    from membench.collector import freeze_what_is_loaded, paused_collection, skip_final_collection
 
+    with paused_collection():
+        import membench.cli  # noqa: F401 - imported for its side effect: the modules load
+        import membench.trace.record  # noqa: F401
+    freeze_what_is_loaded()  # the worker's jobs' collections walk only what the jobs make
     skip_final_collection()  # a worker no job reaches exits quickly too
 
 

@@ -122,8 +122,9 @@ def main() -> None:
 
     from membench.backends.base import BusyDeviceError
     from membench.cli import CONF_DIR
-    from membench.shutdown import skip_final_collection
+    from membench.collector import freeze_what_is_loaded, skip_final_collection
 
+    freeze_what_is_loaded()  # torch, Hydra and membench, imported by now
     skip_final_collection()
     register_maxfit_configs()
 
