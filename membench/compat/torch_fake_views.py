@@ -7,8 +7,9 @@ what was left (T5-large LoRA, sampled):
 
 * **A view op answered from FakeTensorMode's dispatch cache.** torch makes the output with
   ``empty_strided`` at the view's sizes (computing, symbolically, a storage size it then drops) and
-  then ``set_``\\s it onto the input's storage. :func:`cheap_fake_views` starts from an empty
-  one-dimensional tensor instead, which has no sizes to compute; ``set_`` then does what it did.
+  then ``set_``\\s it onto the input's storage (computing, symbolically, whether it is contiguous
+  and whether the storage must grow). :func:`cheap_fake_views` makes it with ``as_strided`` on the
+  input, which sets the same sizes, strides and offset on the same storage (:func:`_view_of`).
 * **``aten._unsafe_view``, which torch never caches** (it aliases its input but is not a view in
   its schema). Its Python reshape algorithm (``torch._refs._reshape_view_helper``) runs on every
   call, evaluating size guards as it goes; every linear layer makes one (the matmul decomposition
@@ -63,16 +64,30 @@ def _targets() -> tuple[Any, Any, Callable, dict]:
 
 def _view_of(fake_tensor, mode, base, shape, stride, offset, dtype, requires_grad: bool, conj: bool, neg: bool,
              device):
-    """A fake view of ``base``'s storage, made as torch makes a cached view's output, less ``empty_strided``."""
+    """A fake view of ``base``'s storage with these sizes, strides, offset, dtype and bits.
+
+    Made with ``as_strided`` on the meta tensor: it shares the storage and sets sizes and strides
+    without the ``set_`` torch's cache path calls, which also computes (symbolically) whether the
+    view is contiguous and how large a storage it needs (116 against 22 microseconds for a 4-d
+    view of symbolic sizes). Called within a fake op's dispatch, where autograd has already run,
+    so the view has no autograd history; where it would, or where the dtype differs from the
+    base's (``view_as_real``), it is made as torch's cache path makes it, less ``empty_strided``.
+    """
     suppress = mode.shape_env.suppress_guards if mode.shape_env is not None else contextlib.nullcontext
     with fake_tensor.in_kernel_invocation_manager(mode), suppress():
-        empty = torch.empty((0,), dtype=dtype, device="meta", requires_grad=requires_grad)
-        if conj:
-            torch._C._set_conj(empty, True)
-        if neg:
-            torch._C._set_neg(empty, True)
-        empty.set_(base.untyped_storage(), offset, shape, stride)
-    return fake_tensor.FakeTensor(mode, empty, device)
+        view = None
+        if dtype is base.dtype:
+            view = torch.as_strided(base, shape, stride, offset)
+            if view.grad_fn is not None or view._is_view():
+                view = None  # autograd recorded it: not within a fake op's dispatch
+        if view is None:
+            view = torch.empty((0,), dtype=dtype, device="meta")
+            view.set_(base.untyped_storage(), offset, shape, stride)
+        torch._C._set_conj(view, conj)
+        torch._C._set_neg(view, neg)
+        if requires_grad:
+            view.requires_grad_(True)
+    return fake_tensor.FakeTensor(mode, view, device)
 
 
 def _cached_views(fake_tensor, build: Callable, counts: dict) -> Callable:
@@ -162,7 +177,8 @@ def _described(tensor: torch.Tensor, base: torch.Tensor) -> tuple:
     from membench.compat.torch_memory import storage_id
 
     return (str(tuple(tensor.shape)), str(tensor.stride()), str(tensor.storage_offset()), tensor.dtype,
-            tensor.requires_grad, tensor.is_conj(), tensor.is_neg(), str(tensor.device),
+            tensor.requires_grad, tensor.is_conj(), tensor.is_neg(), str(tensor.device), tensor._version,
+            tensor._is_view(), type(tensor.grad_fn).__name__,
             storage_id(tensor.untyped_storage()) == storage_id(base.untyped_storage()))
 
 
