@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from membench import tracing
 from membench.backends.base import BusyDeviceError
+from membench.collector import freeze_what_is_loaded, skip_final_collection
 from membench.config import RunConfig, register_configs
 from membench.errors import ConfigError
 from membench.parallel import torchrun
-from membench.collector import freeze_what_is_loaded, skip_final_collection
 from membench.sweep import position
 
 EXPERIMENT = re.compile(r"^experiment=")

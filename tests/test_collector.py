@@ -47,9 +47,21 @@ def test_a_warmed_sweep_worker_imports_with_the_collector_off_then_freezes(monke
     from membench.sweep import warm_worker
 
     calls = []
+    monkeypatch.setattr(collector, "_frozen", False)
     monkeypatch.setattr(gc, "disable", lambda: calls.append("disable"))
     monkeypatch.setattr(gc, "enable", lambda: calls.append("enable"))
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(collector, "skip_final_collection", lambda: calls.append("at exit"))
     warm_worker()
     assert calls == ["disable", "enable", "freeze", "at exit"]
+
+
+def test_an_entry_point_freezes_only_at_its_first_call(monkeypatch):
+    import membench.collector as collector
+
+    frozen = []
+    monkeypatch.setattr(collector, "_frozen", False)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    collector.freeze_what_is_loaded()
+    collector.freeze_what_is_loaded()
+    assert frozen == [True]

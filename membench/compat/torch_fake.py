@@ -159,21 +159,35 @@ def _sample_arguments(fake_mode) -> list:
 
 
 def check_fake_cache_keys() -> None:
-    """The fast key equals torch's, value for value, on :func:`_sample_arguments` (raises CompatError if not)."""
+    """The fast key equals torch's, value for value, on :func:`_sample_arguments`, and adds the same guards.
+
+    Each way keys its own copy of the sample, in shape environments of its own, so a guard one way
+    adds and the other does not shows in the environments' guard lists. Raises CompatError if not.
+    """
     fake_tensor, original, suggest_memory_format = _targets()
     fast = _fast_prep_args_for_hash(original, fake_tensor.FakeTensor, suggest_memory_format)
-    fake_mode = fake_tensor.FakeTensorMode()
-    for arguments in _sample_arguments(fake_mode):
-        owner = next((arg.fake_mode for arg in arguments if isinstance(arg, fake_tensor.FakeTensor)
-                      and arg.fake_mode is not fake_mode), fake_mode)
-        keys = []
-        for prep in (original, fast):
+    keys: dict[Callable, list] = {}
+    guards: dict[Callable, list] = {}
+    for prep in (original, fast):
+        fake_mode = fake_tensor.FakeTensorMode()
+        samples, environments = _sample_arguments(fake_mode), {}
+        keys[prep] = []
+        for arguments in samples:
+            owner = next((arg.fake_mode for arg in arguments if isinstance(arg, fake_tensor.FakeTensor)
+                          and arg.fake_mode is not fake_mode), fake_mode)
+            if owner.shape_env is not None:
+                environments[id(owner.shape_env)] = owner.shape_env
             result: list = []
             try:
                 prep(owner, result, arguments, fake_tensor._CacheKeyState(owner.shape_env), [])
             except fake_tensor._BypassDispatchCache as bypass:
                 result.append(("bypass", bypass.reason))
-            keys.append(result)
-        if keys[0] != keys[1]:
-            raise CompatError(f"torch {torch.__version__}: FakeTensorMode keys {arguments!r} as {keys[0]!r}; "
-                              f"membench's fast key gave {keys[1]!r} ({_NEED})")
+            keys[prep].append((arguments, result))
+        guards[prep] = [str(guard.expr) for env in environments.values() for guard in env.guards]
+    for (arguments, plain), (_, quick) in zip(keys[original], keys[fast]):
+        if plain != quick:
+            raise CompatError(f"torch {torch.__version__}: FakeTensorMode keys {arguments!r} as {plain!r}; "
+                              f"membench's fast key gave {quick!r} ({_NEED})")
+    if guards[original] != guards[fast]:
+        raise CompatError(f"torch {torch.__version__}: keying membench's sample added the guards {guards[original]} "
+                          f"torch's way and {guards[fast]} membench's ({_NEED})")

@@ -19,12 +19,19 @@ what was left (T5-large LoRA, sampled):
 
 Why it is exact: a view is its input's storage with the output's sizes, strides and offset, dtype,
 ``requires_grad`` and conjugate/negative bits, which both ways set to the same values. A remembered
-reshape is keyed by everything torch's algorithm reads (the input's sizes, strides, offset, dtype,
-device and bits, the shape asked for, and whether guards are suppressed), so a repeat would evaluate
-the same guards, which the first call already added. Neither way adds a guard: torch makes cached
-outputs with guards suppressed. :func:`check_fake_views` compares both ways on views of every kind
-(``python -m membench.compat``; a test runs it), and recording a trace stays identical field by
-field (a test).
+reshape is keyed by everything torch's algorithm reads (the shape environment, the input's sizes,
+strides, offset, dtype, device and bits, the shape asked for, whether guards are suppressed, and
+``backed_size_oblivious``), so a repeat would evaluate the same guards, which the first call already
+added. Neither way adds a guard: torch makes cached outputs with guards suppressed.
+:func:`check_fake_views` compares both ways on views of every kind (``python -m membench.compat``;
+a test runs it).
+
+What differs: a remembered reshape holds the first call's ``SymInt`` objects where torch would
+hold the caller's or new ones, of the same expressions. Sizes derived from them later are the
+same polynomials, sometimes written in another form (``2048*B*T`` against
+``2048*T*(B - 1) + 2048*T``), since torch's dispatch cache keys sizes by object identity. A
+recording with and without this module gives the same trace, every size the same polynomial
+(a test); without the remembered reshapes, identical field by field.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ def _targets() -> tuple[Any, Any, Callable, dict]:
     for name in ("FakeTensor", "in_kernel_invocation_manager", "_SymIntOutputStub"):
         if not hasattr(fake_tensor, name):
             raise incompatible("torch", f"has no torch._subclasses.fake_tensor.{name}", _NEED)
+    from torch.fx.experimental import _config
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if not callable(getattr(ShapeEnv, "_suppress_guards_tls", None)) or not hasattr(_config, "backed_size_oblivious"):
+        raise incompatible("torch", "has no ShapeEnv._suppress_guards_tls or fx.experimental._config."
+                           "backed_size_oblivious (what a reshape's guards depend on)", _NEED)
     table = getattr(fake_impls, "op_implementations_dict", None)
     views = {}
     for op in (aten._unsafe_view.default, aten.view.default):
@@ -70,19 +83,22 @@ def _view_of(fake_tensor, mode, base, shape, stride, offset, dtype, requires_gra
     without the ``set_`` torch's cache path calls, which also computes (symbolically) whether the
     view is contiguous and how large a storage it needs (116 against 22 microseconds for a 4-d
     view of symbolic sizes). Called within a fake op's dispatch, where autograd has already run,
-    so the view has no autograd history; where it would, or where the dtype differs from the
-    base's (``view_as_real``), it is made as torch's cache path makes it, less ``empty_strided``.
+    so the view has no autograd history. Where it would have one, where the dtype differs from the
+    base's (``view_as_real``), or where the base's storage was freed (``resize_(0)``, which ``set_``
+    grows back and ``as_strided`` would not), it is made with ``set_`` as torch's cache path makes
+    it, less ``empty_strided``.
     """
     suppress = mode.shape_env.suppress_guards if mode.shape_env is not None else contextlib.nullcontext
     with fake_tensor.in_kernel_invocation_manager(mode), suppress():
         view = None
-        if dtype is base.dtype:
+        storage = base.untyped_storage()
+        if dtype is base.dtype and not (type(storage.nbytes()) is int and storage.nbytes() == 0):
             view = torch.as_strided(base, shape, stride, offset)
             if view.grad_fn is not None or view._is_view():
                 view = None  # autograd recorded it: not within a fake op's dispatch
         if view is None:
             view = torch.empty((0,), dtype=dtype, device="meta")
-            view.set_(base.untyped_storage(), offset, shape, stride)
+            view.set_(storage, offset, shape, stride)
         torch._C._set_conj(view, conj)
         torch._C._set_neg(view, neg)
         if requires_grad:
@@ -102,7 +118,7 @@ def _cached_views(fake_tensor, build: Callable, counts: dict) -> Callable:
             return build(self, state, entry, key, func, args)  # everything but a plain view: torch's own code
         values = (*metadata.shape, *metadata.stride, metadata.storage_offset, metadata.storage_bytes)
         if not all(isinstance(value, (int, stub)) or value is None for value in values):
-            return build(self, state, entry, key, func, args)  # torch raises for anything else
+            return build(self, state, entry, key, func, args)  # anything unexpected: torch's own code decides
         extracted = [value.extract(key, state.shape_env) if isinstance(value, stub) else value for value in values]
         rank = len(metadata.shape)
         counts["cached"] += 1
@@ -132,18 +148,19 @@ def _remembered_reshapes(fake_tensor, implementation: Callable, storage_id: Call
     def view(fake_mode, func, a, *shape, allow_copy: bool = False):
         if allow_copy or type(a) is not fake or a.layout is not strided or fake_mode.shape_env is None:
             return implementation(fake_mode, func, a, *shape, allow_copy=allow_copy)
-        key = (func, a.dtype, a.fake_device, _expressions(a.shape), _expressions(a.stride()),
+        shape_env = fake_mode.shape_env  # symbols of one name in two environments are different sizes
+        key = (id(shape_env), func, a.dtype, a.fake_device, _expressions(a.shape), _expressions(a.stride()),
                _expressions((a.storage_offset(),)), _expressions(shape), a.requires_grad, a.is_conj(), a.is_neg(),
                ShapeEnv._suppress_guards_tls(), _config.backed_size_oblivious)
         known = made.get(key)
         if known is not None:
             counts["remembered"] += 1
-            return _view_of(fake_tensor, fake_mode, a, *known)
+            return _view_of(fake_tensor, fake_mode, a, *known[:-1])
         out = implementation(fake_mode, func, a, *shape, allow_copy=allow_copy)
         if type(out) is fake and out.layout is strided and storage_id(out.untyped_storage()) == storage_id(
                 a.untyped_storage()):
             made[key] = (tuple(out.shape), tuple(out.stride()), out.storage_offset(), out.dtype, out.requires_grad,
-                         out.is_conj(), out.is_neg(), out.fake_device)
+                         out.is_conj(), out.is_neg(), out.fake_device, shape_env)  # kept alive: its id stays its own
         return out
 
     return view
@@ -163,10 +180,10 @@ def cheap_fake_views() -> Iterator[dict[str, int]]:
     fake_tensor, fake_impls, build, views = _targets()
     mode, table = fake_tensor.FakeTensorMode, fake_impls.op_implementations_dict
     counts = {"cached": 0, "remembered": 0}
-    mode._get_output_tensor_from_cache_entry = _cached_views(fake_tensor, build, counts)
-    for op, implementation in views.items():
-        table[op] = _remembered_reshapes(fake_tensor, implementation, storage_id, counts)
     try:
+        mode._get_output_tensor_from_cache_entry = _cached_views(fake_tensor, build, counts)
+        for op, implementation in views.items():
+            table[op] = _remembered_reshapes(fake_tensor, implementation, storage_id, counts)
         yield counts
     finally:
         mode._get_output_tensor_from_cache_entry = build
@@ -176,14 +193,16 @@ def cheap_fake_views() -> Iterator[dict[str, int]]:
 def _described(tensor: torch.Tensor, base: torch.Tensor) -> tuple:
     from membench.compat.torch_memory import storage_id
 
-    return (str(tuple(tensor.shape)), str(tensor.stride()), str(tensor.storage_offset()), tensor.dtype,
+    hints = tuple(size.node.hint if isinstance(size, torch.SymInt) else size for size in tensor.shape)
+    return (str(tuple(tensor.shape)), hints, str(tensor.stride()), str(tensor.storage_offset()),
+            str(base.untyped_storage().nbytes()), tensor.dtype,
             tensor.requires_grad, tensor.is_conj(), tensor.is_neg(), str(tensor.device), tensor._version,
             tensor._is_view(), type(tensor.grad_fn).__name__,
             storage_id(tensor.untyped_storage()) == storage_id(base.untyped_storage()))
 
 
 def _views_both_ways() -> list[list]:
-    """Each view op of a sample, run twice (a miss, then a hit) on a symbolic fake tensor: what it made, and the guards."""
+    """Each view op of a sample, run twice (a miss, then a hit) on symbolic fake tensors: what it made, and the guards."""
     from torch._dynamo.source import ConstantSource
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -209,7 +228,22 @@ def _views_both_ways() -> list[list]:
                            (folded, lambda: aten._unsafe_view.default(folded, [2, -1]))):
             for _ in range(2):  # a miss, then a hit
                 made.append(_described(make(), base))
-    return made + [[str(guard.expr) for guard in mode.shape_env.guards]]
+        bumped = x * 3
+        bumped.add_(1)  # its views share its version counter
+        freed = x * 4
+        freed.untyped_storage().resize_(0)  # set_ grows a freed storage back for a view of it
+        for base, make in ((bumped, lambda: bumped.view(-1)), (freed, lambda: freed.view(-1))):
+            for _ in range(2):
+                made.append(_described(make(), base))
+    # Another shape environment, whose symbols have the same names and other values (6 x 4 there, 5 x 3 here).
+    other = FakeTensorMode(shape_env=ShapeEnv())
+    y = other.from_tensor(torch.empty(5, 3, requires_grad=True), source=ConstantSource("x"),
+                          symbolic_context=context)
+    with other:
+        for _ in range(2):
+            folded_y = y * 2
+            made.append(_described(aten._unsafe_view.default(folded_y, [y.shape[0] * y.shape[1]]), folded_y))
+    return made + [[str(guard.expr) for guard in mode.shape_env.guards + other.shape_env.guards]]
 
 
 def check_fake_views() -> None:
