@@ -228,7 +228,10 @@ class MembenchSweeper(Sweeper):
         joblib keeps one pool of workers per process and hands it to the next ``Parallel`` with the same
         settings: this one passes the launcher's, as Hydra's joblib launcher does.
         """
-        if self.dry_run or not self._launcher_is("JoblibLauncher") or self._workers() < 2:
+        if self.dry_run or not self._launcher_is("JoblibLauncher"):
+            return None
+        workers = self._workers()
+        if workers < 2:
             return None
         from joblib import Parallel, delayed
 
@@ -243,7 +246,6 @@ class MembenchSweeper(Sweeper):
                     settings[key] = int(settings[key])
                 except ValueError:
                     pass
-        workers = self._workers()
 
         def warm() -> None:
             try:
@@ -343,11 +345,17 @@ class MembenchSweeper(Sweeper):
         self._launched = 0
         self._lock = threading.Lock()
         waves = self._batches(jobs, runs)
+
+        def evaluate(index: int) -> Optional[str]:
+            return self._evaluate_here(jobs[index], runs[index])
+
         try:
             for number, batch_indices in enumerate(waves):
-                here = answered_by_cached_traces(runs, batch_indices)
+                # The first wave: what planning found in the cache just now; a later one: what is there since.
+                here = (self._answered & set(batch_indices) if number == 0
+                        else answered_by_cached_traces(runs, batch_indices))
                 for index in sorted(here):  # milliseconds each: less than a launcher spends starting a job
-                    state = self._evaluate_here(jobs[index], runs[index])
+                    state = evaluate(index)
                     if state is not None:
                         tally[state] += 1
                 batch = [[*jobs[index], total] for index in batch_indices if index not in here]
@@ -355,7 +363,7 @@ class MembenchSweeper(Sweeper):
                     continue
                 following = waves[number + 1] if in_background and number + 1 < len(waves) else []
                 first = self._take_numbers(len(batch))
-                watcher = CachedTraceWatcher(runs, following, lambda index: self._evaluate_here(jobs[index], runs[index]))
+                watcher = CachedTraceWatcher(runs, following, evaluate)
                 with watcher:
                     results = self.launcher.launch(batch, initial_job_idx=first)
                 for index, state in watcher.states.items():

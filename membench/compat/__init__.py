@@ -30,7 +30,7 @@ One module per upstream package and concern; patches for other packages
   without its per-tensor metadata dataclass: the same key, value for value, in less time.
 * ``torch_fake_views``: :func:`cheap_fake_views` makes the views of symbolic fake tensors that a
   recording makes most (cached view outputs, ``aten._unsafe_view``) with less size arithmetic:
-  the same tensors and guards.
+  the same views and guards (a remembered reshape's sizes are its first call's ``SymInt`` objects).
 * ``torch_norms``: :func:`route_layer_norm_and_softmax_like_cuda` swaps
   ``F.layer_norm`` and ``F.softmax``; :func:`layer_norm_forward` and
   :func:`layer_norm_backward` are the LayerNorm kernels the emulation calls.

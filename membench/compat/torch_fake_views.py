@@ -92,7 +92,8 @@ def _view_of(fake_tensor, mode, base, shape, stride, offset, dtype, requires_gra
     with fake_tensor.in_kernel_invocation_manager(mode), suppress():
         view = None
         storage = base.untyped_storage()
-        if dtype is base.dtype and not (type(storage.nbytes()) is int and storage.nbytes() == 0):
+        nbytes = storage.nbytes()
+        if dtype is base.dtype and not (type(nbytes) is int and nbytes == 0):
             view = torch.as_strided(base, shape, stride, offset)
             if view.grad_fn is not None or view._is_view():
                 view = None  # autograd recorded it: not within a fake op's dispatch

@@ -16,9 +16,9 @@ sympy expression in the symbols. Pitfalls this module avoids (see the project's 
 * Size arithmetic is memoized (:func:`membench.compat.memoized_symbolic_arithmetic`): the
   step repeats the same few hundred operations on symbols some hundred thousand times.
 * Views are made with less size arithmetic (:func:`membench.compat.cheap_fake_views`): a cached
-  view's output without the ``empty_strided`` torch drops, and a repeated ``aten._unsafe_view``
-  (one per linear layer, which torch never caches) from the sizes, strides and offset its reshape
-  algorithm gave the first time (T5-large LoRA: 14.4 s to record, 12.6 s with this).
+  view's output with ``as_strided`` instead of torch's ``empty_strided`` and ``set_``, and a repeated
+  ``aten._unsafe_view`` (one per linear layer, which torch never caches) from the sizes, strides and
+  offset its reshape algorithm gave the first time (a T5-large LoRA recording: about a fifth less time).
 * An in-place foreach op (the optimizer's ``_foreach_lerp_``, ``_foreach_addcdiv_``, ...) on lists of
   tensors of one dtype, device and size expression each is not run on the fake tensors
   (:func:`inplace_foreach_without_effect`): it returns nothing and allocates nothing, and its meta
